@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh clone: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv serve test bench tiny-model clean
+
+# Rebuilt when the pins change. Truss's server needs its own requirements (as its Docker image
+# installs them), bounded by its constraints file; its `-i` line is dropped so pip's configured
+# indexes are used.
+$(VENV)/.installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	server=$$($(PY) -c 'import pathlib, truss; print(pathlib.Path(truss.__file__).parent / "templates/server")') && \
+	  grep -v '^-i ' "$$server/requirements.txt" > $(VENV)/truss-server-requirements.txt && \
+	  $(PY) -m pip install --quiet -r $(VENV)/truss-server-requirements.txt -c "$$server/constraints.txt" -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+tiny-model: venv
+	$(PY) -m starcoder_serving.tiny_model .cache/tiny-starcoder
+
+# The real Truss server on 127.0.0.1:$(PORT); STARCODER_CHECKPOINT=<path or hub id> serves another model.
+serve: venv
+	PORT=$(PORT) $(PY) -m devtools.truss_local
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf .cache .pytest_cache .hypothesis

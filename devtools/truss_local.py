@@ -1,0 +1,106 @@
+"""Run the real Truss server on this machine, without Docker, exactly as truss lays it out in the image.
+
+    python -m devtools.truss_local            # tiny StarCoder-shaped model on CPU, 127.0.0.1:$PORT
+    STARCODER_CHECKPOINT=/path/or/hub-id python -m devtools.truss_local
+
+truss builds the image's build context from this package (what ``truss push`` uploads), then its
+Docker build emulator copies the files to where the Dockerfile puts them (``/app``); we run the
+server's own ``main.py`` from there with the environment variables the image would set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TINY_MODEL_DIR = REPO_ROOT / ".cache" / "tiny-starcoder"
+DEFAULT_LAYOUT_DIR = REPO_ROOT / ".cache" / "truss-server"
+
+
+def local_truss_copy(target: Path) -> Path:
+    """This truss as ``truss push`` would upload it, minus the build-time weight cache.
+
+    Resolving ``model_cache`` asks the Hugging Face hub for the file list, which a machine without
+    internet cannot do, and locally the weights come from STARCODER_CHECKPOINT anyway.
+    """
+    import yaml
+    from truss.util.path import copy_tree_path, load_trussignore_patterns_from_truss_dir
+
+    copy_tree_path(REPO_ROOT, target, ignore_patterns=load_trussignore_patterns_from_truss_dir(REPO_ROOT))
+    config = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    config.pop("model_cache", None)
+    (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def lay_out_server(layout_dir: Path = DEFAULT_LAYOUT_DIR) -> Path:
+    """Return the directory holding the server's ``main.py`` (the image's ``/app``)."""
+    from truss.contexts.image_builder.serving_image_builder import ServingImageBuilderContext
+    from truss.contexts.local_loader.docker_build_emulator import DockerBuildEmulator
+
+    shutil.rmtree(layout_dir, ignore_errors=True)
+    build_dir, fs_dir = layout_dir / "build", layout_dir / "fs"
+    build_dir.mkdir(parents=True)
+    fs_dir.mkdir(parents=True)
+    truss_dir = local_truss_copy(layout_dir / "truss")
+    ServingImageBuilderContext.run(truss_dir).prepare_image_build_dir(build_dir)
+    DockerBuildEmulator(build_dir / "Dockerfile", build_dir).run(fs_dir)
+    app_dir = fs_dir / "app"
+    if not (app_dir / "main.py").is_file():
+        raise RuntimeError(f"truss did not lay out a server in {app_dir}")
+    return app_dir
+
+
+def server_environment(port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The image's environment, pointed at the tiny model unless STARCODER_CHECKPOINT says otherwise."""
+    env = dict(os.environ)
+    if not env.get("STARCODER_CHECKPOINT"):
+        from starcoder_serving.tiny_model import build_tiny_model
+
+        env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
+        env.setdefault("STARCODER_DTYPE", "float32")
+        env.setdefault("STARCODER_DEVICE", "cpu")
+    env.update(
+        {
+            "INFERENCE_SERVER_PORT": str(port),
+            "INFERENCE_SERVER_HOST": "127.0.0.1",
+            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+            "TRANSFORMERS_OFFLINE": env.get("TRANSFORMERS_OFFLINE", "1"),
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def start_server(
+    port: int, layout_dir: Path = DEFAULT_LAYOUT_DIR, extra_env: dict[str, str] | None = None, **popen_kwargs: object
+) -> subprocess.Popen[bytes]:
+    app_dir = lay_out_server(layout_dir)
+    env = server_environment(port, extra_env)
+    # The image copies packages/ to /packages and the server appends that to sys.path; here they sit
+    # beside app/.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(app_dir.parent / "packages"), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("loopback_main.py"))], cwd=app_dir, env=env, **popen_kwargs
+    )
+
+
+def main() -> None:
+    port = int(os.environ.get("PORT", "8080"))
+    process = start_server(port)
+    print(f"Truss server starting on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    try:
+        sys.exit(process.wait())
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Truss adapter for StarCoder: parse, call the engine, wrap the answer. The logic lives in packages/.
+
+No `from __future__ import annotations` here: truss inspects the real `Request` annotation to hand
+us the raw request.
+"""
+
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+
+from starcoder_serving.engine import Engine
+from starcoder_serving.predict_service import PredictService
+from starcoder_serving.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Model:
+    def __init__(self, **kwargs: Any) -> None:
+        self._config: dict[str, Any] = kwargs["config"]
+        self._data_dir = Path(kwargs["data_dir"])
+        self._secrets = kwargs["secrets"]
+        self._predict: PredictService | None = None
+
+    def _hf_token(self) -> str | None:
+        try:
+            return self._secrets["hf_access_key"] or None
+        except (KeyError, Exception):  # truss raises its own error for a secret that is not set
+            return None
+
+    def load(self) -> None:
+        settings = ServingSettings.from_sources(self._config.get("model_metadata"))
+        engine = Engine.load(settings, self._data_dir, hf_token=self._hf_token())
+        self._predict = PredictService(engine)
+
+    # Taking the raw request (not parsed inputs) lets us answer malformed JSON in our own envelope
+    # and notice when the client disconnects.
+    async def predict(self, request: Request) -> Any:
+        assert self._predict is not None, "load() has not run"
+        return await self._predict.handle(request)

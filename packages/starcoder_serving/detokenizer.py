@@ -1,0 +1,46 @@
+"""Token ids to text, incrementally, without ever emitting half of a multi-byte UTF-8 character.
+
+Byte-level BPE tokens can end in the middle of a character (an emoji is often 2-4 tokens); decoding
+them alone yields U+FFFD. Like TGI and vLLM we decode a short window of recent tokens and emit only
+text that is complete, so streamed chunks concatenate to exactly the non-streamed text. Cost per
+token: one decode of a window of a few tokens, not of the whole completion.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+REPLACEMENT_CHARACTER = "\ufffd"
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Decoder) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the context window decoded for each new token
+        self._read_offset = 0  # tokens before this are already emitted as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text (possibly empty)."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHARACTER):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left at the end (an incomplete character decodes as U+FFFD, as in a plain decode)."""
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        rest = self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return rest

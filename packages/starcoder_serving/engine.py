@@ -1,0 +1,259 @@
+"""The engine: load the model, turn a request into a token-space plan, and run it.
+
+Async API over a model-owning worker thread. Text assembly (incremental detokenization, stop
+sequences, finish reason, token counts) happens here on the event loop, identically for streamed
+and non-streamed requests, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from starcoder_serving.detokenizer import IncrementalDetokenizer
+from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.generate_worker import GenerateWorker
+from starcoder_serving.generation_params import check_with_transformers, token_ids_in
+from starcoder_serving.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenLogprob
+from starcoder_serving.prompts import ChatRenderer, InstructionTemplate
+from starcoder_serving.settings import ServingSettings
+from starcoder_serving.stop_sequences import StopSequenceMatcher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+# Called with the final Completion once a stream ends (usage accounting, finish_reason).
+CompletionCallback = Callable[[Completion], None]
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, settings: ServingSettings, data_dir: Path) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.model_name = settings.checkpoint
+        self.vocab_size = len(tokenizer)
+        self.context_window = min(settings.context_window, getattr(model.config, "n_positions", settings.context_window))
+        eos = model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        eos_ids.add(tokenizer.eos_token_id)
+        # StarCoder2 ends files with <file_sep>: stop there as well when the vocabulary has it.
+        file_sep = tokenizer.convert_tokens_to_ids("<file_sep>")
+        if isinstance(file_sep, int) and file_sep != tokenizer.unk_token_id:
+            eos_ids.add(file_sep)
+        self.eos_token_ids = frozenset(i for i in eos_ids if i is not None)
+        self.chat = ChatRenderer(tokenizer, (data_dir / settings.chat_template_file).read_text(encoding="utf-8"))
+        self.instructions = InstructionTemplate.load(data_dir / settings.instruction_template_file)
+        self._worker = GenerateWorker(model, set(self.eos_token_ids), pad_token_id=tokenizer.eos_token_id)
+        self._admitted = 0
+
+    @classmethod
+    def load(cls, settings: ServingSettings, data_dir: Path, hf_token: str | None = None) -> "Engine":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        checkpoint = settings.resolved_checkpoint()
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, token=hf_token)
+        dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint,
+            token=hf_token,
+            dtype=dtype,
+            attn_implementation=settings.attn_implementation,
+            device_map=settings.device,
+        ).eval()
+        logger.info(
+            "loaded %s (%s, %s, %s attention) in %.1f s",
+            checkpoint,
+            model.dtype,
+            model.device,
+            settings.attn_implementation,
+            time.perf_counter() - started,
+        )
+        return cls(model, tokenizer, settings, data_dir)
+
+    # ---- planning: everything that can be refused is refused here, before any token is generated ----
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def plan(
+        self,
+        prompt_ids: list[int],
+        parameters: dict[str, Any],
+        stop: list[str] | tuple[str, ...] = (),
+        seed: int | None = None,
+        top_logprobs: int | None = None,
+    ) -> GenerationPlan:
+        settings = self.settings
+        kwargs = dict(parameters)
+        prompt_tokens = len(prompt_ids)
+        if prompt_tokens == 0:
+            raise InvalidRequest("The prompt encodes to no tokens; send some text.", param="prompt")
+        room = self.context_window - prompt_tokens
+        if room <= 0:
+            raise InvalidRequest(
+                f"The prompt has {prompt_tokens} tokens, which fills the {self.context_window}-token context "
+                "window; shorten it so there is room to generate.",
+                param="prompt",
+            )
+        max_length = kwargs.pop("max_length", None)
+        max_new_tokens = kwargs.pop("max_new_tokens", None)
+        if max_new_tokens is None and max_length is not None:  # as in transformers, max_new_tokens wins
+            max_new_tokens = max_length - prompt_tokens
+            if max_new_tokens <= 0:
+                raise InvalidRequest(
+                    f"`max_length` ({max_length}) counts the prompt, which already has {prompt_tokens} tokens; "
+                    f"send a larger max_length or use max_new_tokens.",
+                    param="max_length",
+                )
+        if max_new_tokens is None:
+            max_new_tokens = min(settings.default_max_new_tokens, room)
+        if max_new_tokens > settings.max_new_tokens_cap:
+            raise InvalidRequest(
+                f"`max_new_tokens` is {max_new_tokens}, above this server's cap of {settings.max_new_tokens_cap}; "
+                f"send at most {settings.max_new_tokens_cap}.",
+                param="max_new_tokens",
+            )
+        if prompt_tokens + max_new_tokens > self.context_window:
+            raise InvalidRequest(
+                f"The prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were requested: "
+                f"{prompt_tokens + max_new_tokens} > the {self.context_window}-token context window. Send "
+                f"max_new_tokens <= {room} or a shorter prompt.",
+                param="max_new_tokens",
+            )
+        min_length = kwargs.pop("min_length", None)
+        if min_length is not None and "min_new_tokens" not in kwargs:
+            kwargs["min_new_tokens"] = max(0, min_length - prompt_tokens)
+        if kwargs.get("min_new_tokens", 0) > max_new_tokens:
+            raise InvalidRequest(
+                f"`min_new_tokens` ({kwargs['min_new_tokens']}) exceeds max_new_tokens ({max_new_tokens}).",
+                param="min_new_tokens",
+            )
+        if kwargs.get("num_beams", 1) > settings.max_num_beams:
+            raise InvalidRequest(f"`num_beams` must be <= {settings.max_num_beams}.", param="num_beams")
+        for name, ids in token_ids_in(kwargs).items():
+            bad = [i for i in ids if i >= self.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"`{name}` names token ids {bad[:5]} outside the vocabulary (0..{self.vocab_size - 1}).",
+                    param=name,
+                )
+        try:
+            check_with_transformers({**kwargs, "max_new_tokens": max_new_tokens})
+        except ValueError as exc:
+            message = str(exc).split("\nIf you're using a pretrained model")[0].strip()
+            raise InvalidRequest(f"Invalid generation parameters: {message}") from None
+        self._check_stop(stop)
+        return GenerationPlan(
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            generation_kwargs=kwargs,
+            stop=tuple(stop),
+            seed=seed,
+            top_logprobs=top_logprobs,
+        )
+
+    def _check_stop(self, stop: list[str] | tuple[str, ...]) -> None:
+        settings = self.settings
+        if len(stop) > settings.max_stop_sequences:
+            raise InvalidRequest(
+                f"`stop` has {len(stop)} sequences; send at most {settings.max_stop_sequences}.", param="stop"
+            )
+        for sequence in stop:
+            if not sequence or len(sequence) > settings.max_stop_sequence_chars:
+                raise InvalidRequest(
+                    f"Each `stop` sequence must have 1 to {settings.max_stop_sequence_chars} characters.",
+                    param="stop",
+                )
+
+    # ---- running ----
+
+    def _admit(self, plan: GenerationPlan) -> Job:
+        if self._admitted >= self.settings.max_queued_requests:
+            raise Overloaded(
+                f"The server is at capacity ({self._admitted} requests in progress); retry in a moment."
+            )
+        self._admitted += 1
+        job = Job(plan, asyncio.get_running_loop())
+        self._worker.submit(job)
+        return job
+
+    @property
+    def requests_in_progress(self) -> int:
+        return self._admitted
+
+    async def stream(
+        self, plan: GenerationPlan, on_complete: CompletionCallback | None = None
+    ) -> AsyncIterator[TextDelta]:
+        """Yield text as it is produced. Closing the iterator cancels the generation."""
+        job = self._admit(plan)
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        matcher = StopSequenceMatcher(plan.stop)
+        completion_tokens = 0
+        pending_logprobs: list[TokenLogprob] = []
+        all_logprobs: list[TokenLogprob] = []
+        reason: FinishReason | None = None
+        text_parts: list[str] = []
+        try:
+            while reason is None:
+                event = await job.next_event()
+                if isinstance(event, DoneEvent):
+                    if event.error is not None:
+                        raise event.error
+                    reason = event.reason
+                    tail = matcher.feed(detokenizer.flush())
+                    text = tail.emit + ("" if tail.stopped else matcher.flush())
+                    if tail.stopped:
+                        reason = FinishReason.STOP
+                else:
+                    completion_tokens += 1
+                    if event.logprob is not None:
+                        pending_logprobs.append(event.logprob)
+                        all_logprobs.append(event.logprob)
+                    scan = matcher.feed(detokenizer.push(event.token_id))
+                    text = scan.emit
+                    if scan.stopped:
+                        reason = FinishReason.STOP
+                        job.cancel()
+                if text or (pending_logprobs and reason is not None):
+                    text_parts.append(text)
+                    yield TextDelta(text, tuple(pending_logprobs))
+                    pending_logprobs = []
+            if on_complete is not None:
+                on_complete(
+                    Completion("".join(text_parts), reason, plan.prompt_tokens, completion_tokens, tuple(all_logprobs))
+                )
+        finally:
+            job.cancel()  # no-op when finished; stops the worker when the client left early
+            self._admitted -= 1
+
+    async def complete(self, plan: GenerationPlan) -> Completion:
+        result: list[Completion] = []
+        async for _ in self.stream(plan, on_complete=result.append):
+            pass
+        return result[0]
+
+    def shutdown(self) -> None:
+        self._worker.shutdown()

@@ -1,0 +1,166 @@
+"""The thread that owns the model and runs plain ``model.generate()``, one request at a time.
+
+Serves every GenerationConfig parameter (beam search included). Tokens reach the request's event
+queue through a transformers streamer as they are produced; a stopping criterion polls the job's
+cancel flag every step, so a cancelled request stops within one token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from starcoder_serving.errors import GenerationFailed, Overloaded
+from starcoder_serving.jobs import DoneEvent, FinishReason, Job, TokenEvent, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+class _CancelCriterion(StoppingCriteria):
+    def __init__(self, job: Job) -> None:
+        self._job = job
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self._job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Keeps the log-distribution of the last step (after temperature/top-k/top-p: what was sampled from)."""
+
+    def __init__(self) -> None:
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+
+class _TokenForwarder(BaseStreamer):
+    """Receives each new token from ``generate`` and forwards it to the job's event queue."""
+
+    def __init__(self, job: Job, recorder: _LogprobRecorder | None) -> None:
+        self._job = job
+        self._recorder = recorder
+        self._seen_prompt = False
+        self.count = 0
+        self.last_token: int | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:  # generate() first pushes the prompt itself
+            self._seen_prompt = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self._forward(int(token_id))
+
+    def _forward(self, token_id: int) -> None:
+        self.count += 1
+        self.last_token = token_id
+        self._job.emit(TokenEvent(token_id, self._logprob(token_id)))
+
+    def _logprob(self, token_id: int) -> TokenLogprob | None:
+        if self._recorder is None or self._recorder.last is None:
+            return None
+        row = self._recorder.last
+        k = self._job.plan.top_logprobs or 0
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            values, indices = row.topk(k)
+            top = tuple(zip(indices.tolist(), values.tolist()))
+        return TokenLogprob(token_id, float(row[token_id]), top)
+
+    def forward_all(self, token_ids: list[int]) -> None:
+        for token_id in token_ids:
+            self._forward(token_id)
+
+    def end(self) -> None:
+        pass
+
+
+class GenerateWorker:
+    def __init__(self, model: Any, eos_token_ids: set[int], pad_token_id: int) -> None:
+        self._model = model
+        self._eos_token_ids = eos_token_ids
+        self._pad_token_id = pad_token_id
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._run_job(job)
+
+    def _run_job(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            job.emit(DoneEvent(FinishReason.CANCELLED))
+            return
+        started = time.perf_counter()
+        plan = job.plan
+        recorder = _LogprobRecorder() if plan.top_logprobs is not None else None
+        forwarder = _TokenForwarder(job, recorder)
+        beam_search = plan.generation_kwargs.get("num_beams", 1) > 1
+        try:
+            if plan.seed is not None:
+                torch.manual_seed(plan.seed)  # seeds CUDA too; safe: this thread runs one job at a time
+            input_ids = torch.tensor([plan.prompt_ids], dtype=torch.long, device=self._model.device)
+            with torch.inference_mode():
+                output = self._model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=plan.max_new_tokens,
+                    pad_token_id=self._pad_token_id,
+                    # Beam search cannot stream: its tokens are forwarded once the best beam is known.
+                    streamer=None if beam_search else forwarder,
+                    stopping_criteria=StoppingCriteriaList([_CancelCriterion(job)]),
+                    logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                    **plan.generation_kwargs,
+                )
+            if beam_search:
+                generated = output[0, len(plan.prompt_ids) :].tolist()
+                while generated and generated[-1] == self._pad_token_id and generated[-1] not in self._eos_token_ids:
+                    generated.pop()
+                forwarder.forward_all(generated)
+            reason = self._finish_reason(job, forwarder)
+            job.emit(DoneEvent(reason))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            logger.warning("job %d: CUDA out of memory (%d prompt tokens)", job.id, plan.prompt_tokens)
+            job.emit(
+                DoneEvent(
+                    error=Overloaded(
+                        "The GPU ran out of memory for this request. Retry, or send a shorter prompt, "
+                        "fewer max_new_tokens or fewer num_beams."
+                    )
+                )
+            )
+        except Exception as exc:  # the worker must survive anything one request does
+            logger.exception("job %d: generation failed", job.id)
+            job.emit(DoneEvent(error=GenerationFailed(f"Generation failed ({type(exc).__name__}). Retry the request.")))
+        finally:
+            logger.info(
+                "job %d done: prompt_tokens=%d completion_tokens=%d cancelled=%s seconds=%.3f",
+                job.id,
+                plan.prompt_tokens,
+                forwarder.count,
+                job.cancelled.is_set(),
+                time.perf_counter() - started,
+            )
+
+    def _finish_reason(self, job: Job, forwarder: _TokenForwarder) -> FinishReason:
+        if job.cancelled.is_set():
+            return FinishReason.CANCELLED
+        if forwarder.last_token in self._eos_token_ids:
+            return FinishReason.EOS
+        return FinishReason.LENGTH

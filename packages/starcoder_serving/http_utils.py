@@ -1,0 +1,72 @@
+"""Small HTTP helpers shared by every route: body parsing and client-disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, TypeVar
+
+from starcoder_serving.errors import InvalidRequest, PayloadTooLarge
+
+T = TypeVar("T")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # generous for an 8192-token prompt; refuses megabytes of junk
+DISCONNECT_POLL_SECONDS = 0.05
+
+
+class DisconnectAware(Protocol):
+    async def is_disconnected(self) -> bool: ...
+
+
+class HasBody(Protocol):
+    async def body(self) -> bytes: ...
+
+
+async def read_json_object(request: HasBody, example: str) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"The request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}.")
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON ({exc}). Send a JSON object like {example}.") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object like {example}; got a JSON {type(parsed).__name__}."
+        )
+    return parsed
+
+
+async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Yield from ``items`` until it ends or the client disconnects; then close ``items``.
+
+    Closing the engine's stream cancels its generation, so a client that hangs up stops using the GPU
+    within one poll interval (plus one token).
+    """
+
+    async def wait_for_disconnect() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+    watcher = asyncio.create_task(wait_for_disconnect())
+    try:
+        while True:
+            next_item = asyncio.ensure_future(anext(items))
+            await asyncio.wait({next_item, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_item.done():  # the client went away first
+                next_item.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await next_item
+                return
+            try:
+                item = next_item.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        watcher.cancel()
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()

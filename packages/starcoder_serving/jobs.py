@@ -1,0 +1,82 @@
+"""What passes between the async request handlers and the thread that runs the model."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import itertools
+import threading
+from typing import Any
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop sequence was generated
+    LENGTH = "length"  # max_new_tokens (or max_time) reached
+    EOS = "eos"  # the model ended the text (<|endoftext|> or another end token)
+    CANCELLED = "cancelled"  # the client went away
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationPlan:
+    """A validated request, in token space, ready for the model."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    # Remaining transformers GenerationConfig parameters (never max_length/min_length: resolved).
+    generation_kwargs: dict[str, Any]
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int | None = None  # None: no logprobs; 0: only the chosen token's
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DoneEvent:
+    reason: FinishReason | None = None  # None when failed
+    error: Exception | None = None
+
+
+Event = TokenEvent | DoneEvent
+
+_job_ids = itertools.count(1)
+
+
+class Job:
+    """One generation: the worker thread writes events, the event loop reads them."""
+
+    def __init__(self, plan: GenerationPlan, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = next(_job_ids)
+        self.plan = plan
+        self.cancelled = threading.Event()
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(self, event: Event) -> None:
+        """Thread-safe: called from the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    async def next_event(self) -> Event:
+        return await self._events.get()
+
+    def cancel(self) -> None:
+        self.cancelled.set()

@@ -1,0 +1,126 @@
+"""The ``predict`` route: the seed contract plus streaming, FIM, chat, instructions, stop and seed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pydantic
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from starcoder_serving import envelope
+from starcoder_serving.engine import Completion, Engine
+from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
+from starcoder_serving.http_utils import read_json_object, until_disconnected
+from starcoder_serving.jobs import GenerationPlan
+from starcoder_serving.prompts import RenderedPrompt, render_fim
+from starcoder_serving.schemas import PredictRequest
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_BODY = '{"prompt": "def compute_fib(n):"}'
+PREDICT_FIELDS = frozenset(PredictRequest.model_fields)
+
+
+class PredictService:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def handle(self, request: Request) -> dict[str, Any] | JSONResponse | AsyncIterator[bytes]:
+        try:
+            body = await read_json_object(request, EXAMPLE_BODY)
+            parsed = self.parse(body)
+            rendered = self.render(parsed)
+            plans = self.plans(parsed, rendered)
+            if parsed.stream:
+                # Validation is over: from here on errors can only end the stream.
+                return self._stream_bytes(request, plans[0])
+            completions = await self._complete_all(request, plans)
+        except ServingError as error:
+            return envelope.failure(error)
+        if completions is None:  # the client hung up; nobody reads this
+            return envelope.failure(InvalidRequest("Client disconnected."))
+        return envelope.success(self._data(parsed, rendered, completions))
+
+    @staticmethod
+    def parse(body: dict[str, Any]) -> PredictRequest:
+        try:
+            return PredictRequest.model_validate(body)
+        except pydantic.ValidationError as exc:
+            raise describe_validation_error(exc, PREDICT_FIELDS) from None
+
+    def render(self, parsed: PredictRequest) -> RenderedPrompt:
+        if parsed.prompt is not None:
+            return RenderedPrompt(parsed.prompt)
+        if parsed.prefix is not None:
+            return render_fim(parsed.prefix, parsed.suffix or "")
+        if parsed.messages is not None:
+            return self.engine.chat.render([m.model_dump() for m in parsed.messages])
+        assert parsed.instruction is not None
+        return self.engine.instructions.render(parsed.instruction, parsed.input)
+
+    def plans(self, parsed: PredictRequest, rendered: RenderedPrompt) -> list[GenerationPlan]:
+        parameters = parsed.set_parameters()
+        n = parameters.pop("num_return_sequences", 1)
+        if n > 1:
+            self._check_fan_out(parsed, parameters, n)
+        prompt_ids = self.engine.tokenize(rendered.text)
+        stop = [*parsed.stop_sequences, *rendered.implied_stop]
+        # n independent sequences; with a seed each gets its own (seed, seed+1, ...) so they differ.
+        return [
+            self.engine.plan(prompt_ids, parameters, stop, None if parsed.seed is None else parsed.seed + i)
+            for i in range(n)
+        ]
+
+    def _check_fan_out(self, parsed: PredictRequest, parameters: dict[str, Any], n: int) -> None:
+        limit = self.engine.settings.max_num_return_sequences
+        if n > limit:
+            raise InvalidRequest(f"`num_return_sequences` must be <= {limit}.", param="num_return_sequences")
+        if parsed.stream:
+            raise InvalidRequest('`num_return_sequences` > 1 cannot be streamed; send "stream": false.')
+        if not parameters.get("do_sample") or parameters.get("num_beams", 1) > 1:
+            raise InvalidRequest(
+                "`num_return_sequences` > 1 needs sampling: send \"do_sample\": true (and no num_beams), "
+                "otherwise every sequence would be the same.",
+                param="num_return_sequences",
+            )
+
+    async def _complete_all(self, request: Request, plans: list[GenerationPlan]) -> list[Completion] | None:
+        """Run every plan; cancel them all if the client disconnects first."""
+
+        async def gather() -> AsyncIterator[list[Completion]]:
+            yield list(await asyncio.gather(*(self.engine.complete(plan) for plan in plans)))
+
+        async for completions in until_disconnected(request, gather()):
+            return completions
+        return None
+
+    async def _stream_bytes(self, request: Request, plan: GenerationPlan) -> AsyncIterator[bytes]:
+        try:
+            async for delta in until_disconnected(request, self.engine.stream(plan)):
+                if delta.text:
+                    yield delta.text.encode("utf-8")
+        except ServingError as error:
+            # Headers are sent; the only way to say it is to end the stream early.
+            logger.warning("stream ended by error: %s", error.message)
+
+    @staticmethod
+    def _data(parsed: PredictRequest, rendered: RenderedPrompt, completions: list[Completion]) -> dict[str, Any]:
+        first = completions[0]
+        data: dict[str, Any] = {
+            "completion": first.text,
+            "prompt": rendered.text,
+            **parsed.echo(),
+            "finish_reason": first.finish_reason.value,
+            "prompt_tokens": first.prompt_tokens,
+            "completion_tokens": first.completion_tokens,
+        }
+        if len(completions) > 1:
+            data["completions"] = [
+                {"completion": c.text, "finish_reason": c.finish_reason.value, "completion_tokens": c.completion_tokens}
+                for c in completions
+            ]
+        return data

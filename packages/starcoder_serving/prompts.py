@@ -1,0 +1,74 @@
+"""Turn each input form (raw prompt, fill-in-the-middle, chat messages, instruction) into model text.
+
+Every form ends as one string the tokenizer encodes, plus the stop sequences that end that form's
+answer (a chat turn ends where the next "Human:" turn would begin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+FIM_PREFIX = "<fim_prefix>"
+FIM_SUFFIX = "<fim_suffix>"
+FIM_MIDDLE = "<fim_middle>"
+# Default-template chat answers end where the base model starts the human's next turn.
+DEFAULT_CHAT_STOP = ("\nHuman:",)
+
+
+class ChatTokenizer(Protocol):
+    chat_template: str | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    # Stop sequences implied by the input form, added to the client's own.
+    implied_stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructionTemplate:
+    with_input: str
+    without_input: str
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path) -> "InstructionTemplate":
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        template = cls(raw["with_input"], raw["without_input"], tuple(raw.get("stop", ())))
+        for text in (template.with_input, template.without_input):
+            text.format(instruction="", input="")  # fail at load time, not on the first request
+        return template
+
+    def render(self, instruction: str, input_text: str | None) -> RenderedPrompt:
+        # str.format only parses the template; braces inside the user's text are left alone.
+        if input_text:
+            text = self.with_input.format(instruction=instruction, input=input_text)
+        else:
+            text = self.without_input.format(instruction=instruction)
+        return RenderedPrompt(text, self.stop)
+
+
+def render_fim(prefix: str, suffix: str) -> RenderedPrompt:
+    """StarCoder's prefix-suffix-middle order: the model then writes the middle."""
+    return RenderedPrompt(f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}")
+
+
+class ChatRenderer:
+    """Uses the tokenizer's own chat template when it ships one, else ``data/chat_template.jinja``."""
+
+    def __init__(self, tokenizer: ChatTokenizer, default_template: str) -> None:
+        self._tokenizer = tokenizer
+        self._uses_default = not getattr(tokenizer, "chat_template", None)
+        self._template = default_template if self._uses_default else None
+
+    def render(self, messages: list[dict[str, str]]) -> RenderedPrompt:
+        text = self._tokenizer.apply_chat_template(
+            messages, chat_template=self._template, add_generation_prompt=True, tokenize=False
+        )
+        return RenderedPrompt(str(text), DEFAULT_CHAT_STOP if self._uses_default else ())

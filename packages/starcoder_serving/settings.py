@@ -1,0 +1,79 @@
+"""Where the server's knobs come from: config.yaml's ``model_metadata``, overridable by environment.
+
+The same code serves StarCoder-15.5B on an A100 and the tiny local model on a laptop CPU; only these
+settings differ, so every one of them can be overridden by an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pydantic
+
+Dtype = Literal["bfloat16", "float16", "float32", "auto"]
+
+# Environment variable -> settings field. Environment wins over config.yaml.
+ENV_OVERRIDES: dict[str, str] = {
+    "STARCODER_CHECKPOINT": "checkpoint",
+    "STARCODER_DTYPE": "dtype",
+    "STARCODER_DEVICE": "device",
+    "STARCODER_ATTN_IMPLEMENTATION": "attn_implementation",
+    "STARCODER_MAX_NEW_TOKENS_CAP": "max_new_tokens_cap",
+    "STARCODER_DEFAULT_MAX_NEW_TOKENS": "default_max_new_tokens",
+    "STARCODER_MAX_QUEUED_REQUESTS": "max_queued_requests",
+}
+
+
+class ServingSettings(pydantic.BaseModel):
+    """Everything the engine needs to know that is not in a request."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    checkpoint: str = "bigcode/starcoder"
+    # Checked before `checkpoint`: where truss's build-time weight cache puts the files.
+    local_weights_dir: str | None = None
+    dtype: Dtype = "bfloat16"
+    device: str = "cuda"
+    attn_implementation: str = "sdpa"
+    context_window: int = pydantic.Field(8192, ge=16)
+    default_max_new_tokens: int = pydantic.Field(256, ge=1)
+    max_new_tokens_cap: int = pydantic.Field(2048, ge=1)
+    max_num_return_sequences: int = pydantic.Field(8, ge=1)
+    max_num_beams: int = pydantic.Field(8, ge=1)
+    max_stop_sequences: int = pydantic.Field(8, ge=0)
+    max_stop_sequence_chars: int = pydantic.Field(256, ge=1)
+    # Requests admitted to the engine (running + waiting); past this the server answers 503.
+    max_queued_requests: int = pydantic.Field(256, ge=1)
+    instruction_template_file: str = "instruction_template.json"
+    chat_template_file: str = "chat_template.jinja"
+
+    @pydantic.model_validator(mode="after")
+    def _default_fits_cap(self) -> "ServingSettings":
+        if self.default_max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens_cap ({self.max_new_tokens_cap})"
+            )
+        return self
+
+    @classmethod
+    def from_sources(
+        cls, model_metadata: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    ) -> "ServingSettings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = dict(model_metadata or {})
+        for env_name, field in ENV_OVERRIDES.items():
+            if environ.get(env_name):
+                values[field] = environ[env_name]
+        if environ.get("STARCODER_CHECKPOINT"):
+            # An explicit checkpoint beats the build-time cache of the default one.
+            values["local_weights_dir"] = None
+        return cls.model_validate(values)
+
+    def resolved_checkpoint(self) -> str:
+        """The local weight cache when truss populated it, else the checkpoint (path or hub id)."""
+        if self.local_weights_dir and os.path.isfile(os.path.join(self.local_weights_dir, "config.json")):
+            return self.local_weights_dir
+        return self.checkpoint
