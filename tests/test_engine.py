@@ -1,0 +1,165 @@
+"""The engine on the tiny StarCoder-shaped model: what the client asks for is what generate() does."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from starcoder_serving.engine import Completion, Engine
+from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.jobs import FinishReason
+
+PROMPTS = ["def compute_fib(n):", "import os\n", "hello", "class A:", "x = 1", "SELECT", "fn main", "// comment"]
+
+
+def run(engine: Engine, prompt: str, stop: tuple[str, ...] = (), seed: int | None = None, **parameters: Any) -> Completion:
+    plan = engine.plan(engine.tokenize(prompt), parameters, stop=stop, seed=seed)
+    return asyncio.run(engine.complete(plan))
+
+
+def direct_generate(engine: Engine, prompt: str, **kwargs: Any) -> list[int]:
+    """Plain transformers, as the seed Truss called it: the reference our engine must match."""
+    ids = torch.tensor([engine.tokenize(prompt)])
+    with torch.inference_mode():
+        out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **kwargs)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_greedy_is_deterministic_and_matches_plain_generate(engine: Engine) -> None:
+    for prompt in PROMPTS[:4]:
+        first, second = run(engine, prompt, max_new_tokens=24), run(engine, prompt, max_new_tokens=24)
+        assert first == second
+        reference = direct_generate(engine, prompt, max_new_tokens=24, do_sample=False)
+        assert first.text == engine.tokenizer.decode(reference, skip_special_tokens=True)
+        assert first.completion_tokens == len(reference)
+
+
+def test_max_new_tokens_is_honoured(engine: Engine) -> None:
+    for n in (1, 5, 17):
+        result = run(engine, "import os\n", max_new_tokens=n, min_new_tokens=n)
+        assert (result.completion_tokens, result.finish_reason) == (n, FinishReason.LENGTH)
+
+
+def test_generation_stops_at_endoftext(engine: Engine) -> None:
+    # Pick, with plain generate(), the prompts whose greedy continuation reaches token 0.
+    ending = [p for p in PROMPTS if 0 in direct_generate(engine, p, max_new_tokens=100, do_sample=False)]
+    assert ending, "the tiny model is built so that some greedy completions end with <|endoftext|>"
+    for prompt in ending:
+        reference = direct_generate(engine, prompt, max_new_tokens=100, do_sample=False)
+        result = run(engine, prompt, max_new_tokens=100)
+        assert result.finish_reason == FinishReason.EOS
+        assert result.completion_tokens == reference.index(0) + 1 < 100
+        assert "<|endoftext|>" not in result.text
+
+
+def test_min_new_tokens_and_suppress_tokens_reach_generate(engine: Engine) -> None:
+    prompt = next(p for p in PROMPTS if 0 in direct_generate(engine, p, max_new_tokens=100, do_sample=False))
+    assert run(engine, prompt, max_new_tokens=100, suppress_tokens=[0]).finish_reason == FinishReason.LENGTH
+    assert run(engine, prompt, max_new_tokens=100, min_new_tokens=100).completion_tokens == 100
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"no_repeat_ngram_size": 1},
+        {"repetition_penalty": 1.8},
+        {"num_beams": 3},
+        {"do_sample": True, "top_k": 5, "temperature": 0.9},
+    ],
+)
+def test_request_kwargs_really_reach_generate(engine: Engine, kwargs: dict[str, Any]) -> None:
+    length = {"max_new_tokens": 20, "min_new_tokens": 20}
+    seed = 7 if kwargs.get("do_sample") else None
+    changed = 0
+    for prompt in PROMPTS[:5]:
+        result = run(engine, prompt, seed=seed, **length, **kwargs)
+        if seed is not None:
+            torch.manual_seed(seed)
+        reference = direct_generate(engine, prompt, **length, **kwargs)
+        assert result.text == engine.tokenizer.decode(reference, skip_special_tokens=True)
+        changed += result.text != run(engine, prompt, **length).text
+    assert changed, f"{kwargs} never changed the output: it was dropped on the way to generate()"
+
+
+def test_same_seed_same_sample_different_seed_different_sample(engine: Engine) -> None:
+    sample = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 16, "min_new_tokens": 16}
+    a, b = run(engine, "x = 1", seed=3, **sample), run(engine, "x = 1", seed=3, **sample)
+    c = run(engine, "x = 1", seed=4, **sample)
+    assert a.text == b.text and a.text != c.text
+
+
+def test_concurrent_seeded_requests_do_not_disturb_each_other(engine: Engine) -> None:
+    sample = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 12, "min_new_tokens": 12}
+    alone = {seed: run(engine, "x = 1", seed=seed, **sample).text for seed in range(6)}
+
+    async def together() -> list[Completion]:
+        plans = [engine.plan(engine.tokenize("x = 1"), sample, seed=seed) for seed in range(6)]
+        return list(await asyncio.gather(*(engine.complete(p) for p in plans)))
+
+    assert [c.text for c in asyncio.run(together())] == [alone[seed] for seed in range(6)]
+
+
+def test_stop_sequence_ends_generation_and_is_excluded(engine: Engine) -> None:
+    full = run(engine, "fn main", max_new_tokens=40, min_new_tokens=40).text
+    stop = full[10:13]
+    result = run(engine, "fn main", stop=(stop,), max_new_tokens=40, min_new_tokens=40)
+    assert result.finish_reason == FinishReason.STOP
+    assert result.text == full[: full.find(stop)]
+    assert result.completion_tokens < 40
+
+
+def test_context_window_and_cap_are_enforced_with_numbers(engine: Engine) -> None:
+    long_prompt = engine.tokenize("x = 1\n" * 3000)
+    assert len(long_prompt) > engine.context_window
+    with pytest.raises(InvalidRequest, match=rf"{len(long_prompt)} tokens.*8192-token context window"):
+        engine.plan(long_prompt, {})
+    near_full = long_prompt[:8000]
+    with pytest.raises(InvalidRequest, match=r"8000 tokens and 500 new tokens.*8500 > the 8192.*<= 192"):
+        engine.plan(near_full, {"max_new_tokens": 500})
+    assert engine.plan(near_full, {}).max_new_tokens == 192  # the default shrinks to fit the window
+    with pytest.raises(InvalidRequest, match="cap of 2048"):
+        engine.plan([1, 2, 3], {"max_new_tokens": 4096})
+    with pytest.raises(InvalidRequest, match=r"max_length.*\(2\).*3 tokens"):
+        engine.plan([5, 6, 7], {"max_length": 2})
+    assert engine.plan([5, 6, 7], {"max_length": 10}).max_new_tokens == 7
+    with pytest.raises(InvalidRequest, match=r"bad_words_ids.*outside the vocabulary"):
+        engine.plan([5], {"bad_words_ids": [[10**6]]})
+    with pytest.raises(InvalidRequest, match="do_sample"):
+        engine.plan([5], {"temperature": 0.5})
+
+
+def test_a_fault_while_generating_is_reported_and_the_next_request_succeeds(engine: Engine) -> None:
+    original = engine.model.generate
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        engine.model.generate = original  # fail once, as a transient OOM would
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    engine.model.generate = out_of_memory
+    try:
+        with pytest.raises(Overloaded, match="ran out of memory"):
+            run(engine, "hello", max_new_tokens=4)
+    finally:
+        engine.model.generate = original
+    assert run(engine, "hello", max_new_tokens=4).completion_tokens == 4
+    assert engine.requests_in_progress == 0
+
+
+def test_closing_a_stream_cancels_the_generation(engine: Engine) -> None:
+    async def read_two_then_leave() -> None:
+        plan = engine.plan(engine.tokenize("import os\n"), {"max_new_tokens": 2000, "min_new_tokens": 2000})
+        stream = engine.stream(plan)
+        seen = 0
+        async for delta in stream:
+            seen += len(delta.text) > 0
+            if seen == 2:
+                break
+        await stream.aclose()  # what the HTTP layer does when the client disconnects
+
+    asyncio.run(read_two_then_leave())
+    assert engine.requests_in_progress == 0
+    # The worker is free again: a short request completes (it would queue behind 2000 tokens otherwise).
+    assert run(engine, "hello", max_new_tokens=3).completion_tokens == 3

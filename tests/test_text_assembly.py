@@ -1,0 +1,69 @@
+"""Incremental detokenization and stop sequences: streamed pieces must add up to the whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from starcoder_serving.detokenizer import IncrementalDetokenizer
+from starcoder_serving.stop_sequences import StopSequenceMatcher
+
+
+def test_stop_sequence_is_cut_and_never_emitted() -> None:
+    matcher = StopSequenceMatcher(["\nclass"])
+    pieces = [matcher.feed(t) for t in ["def f():\n    return 1\n", "\ncl", "ass B:"]]
+    assert "".join(p.emit for p in pieces) == "def f():\n    return 1\n"
+    assert [p.stopped for p in pieces] == [False, False, True]
+
+
+def test_partial_match_that_does_not_complete_is_released() -> None:
+    matcher = StopSequenceMatcher(["END"])
+    first, second = matcher.feed("abcEN"), matcher.feed("x")
+    assert (first.emit, second.emit, second.stopped) == ("abc", "ENx", False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="abcE N\n", max_size=60),
+    stops=st.lists(st.text(alphabet="abcE N\n", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=10),
+)
+def test_any_split_of_the_text_gives_the_same_result(text: str, stops: list[str], cuts: list[int]) -> None:
+    expected_cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    expected = text if expected_cut < 0 else text[:expected_cut]
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    matcher = StopSequenceMatcher(stops)
+    out, stopped = [], False
+    for start, end in zip(bounds, bounds[1:]):
+        scan = matcher.feed(text[start:end])
+        out.append(scan.emit)
+        if scan.stopped:
+            stopped = True
+            break
+    if not stopped:
+        out.append(matcher.flush())
+    assert "".join(out) == expected
+    assert stopped == (expected_cut >= 0)
+
+
+def test_multibyte_characters_are_never_split(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "naïve café — 日本語 🙂🙂 ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.encode("utf-8")) // 4  # many characters span several byte-level tokens
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.integers(min_value=0, max_value=600), max_size=40))
+def test_pieces_concatenate_to_the_plain_decode(tiny_model_dir: Path, ids: list[int]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)

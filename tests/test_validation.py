@@ -1,0 +1,91 @@
+"""Request validation: every malformed request gets a message naming the field and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from starcoder_serving.errors import InvalidRequest
+from starcoder_serving.generation_params import PYTHON_ONLY_PARAMETERS
+from starcoder_serving.predict_service import PredictService
+
+
+def parse_error(body: dict[str, object]) -> str:
+    with pytest.raises(InvalidRequest) as caught:
+        PredictService.parse(body)
+    return caught.value.message
+
+
+def test_seed_request_parses_with_no_generation_parameters() -> None:
+    parsed = PredictService.parse({"prompt": "def compute_fib(n):"})
+    assert parsed.prompt == "def compute_fib(n):"
+    assert parsed.set_parameters() == {}
+    assert parsed.stream is False
+
+
+def test_generation_parameters_pass_through_by_their_transformers_names() -> None:
+    body = {"prompt": "x", "max_new_tokens": 5, "temperature": 0.7, "do_sample": True, "top_k": 3, "num_beams": 1}
+    assert PredictService.parse(body).set_parameters() == {k: v for k, v in body.items() if k != "prompt"}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, "exactly one input form"),
+        ({"prompt": ""}, "`prompt`"),
+        ({"prompt": 42}, "`prompt`: Input should be a valid string"),
+        ({"prompt": ["a"]}, "`prompt`"),
+        ({"prompt": "x", "max_new_tokens": "10"}, "`max_new_tokens`: Input should be a valid integer"),
+        ({"prompt": "x", "max_new_tokens": 0}, "`max_new_tokens`: Input should be greater than or equal to 1"),
+        ({"prompt": "x", "temperature": -1.0}, "`temperature`: Input should be greater than 0"),
+        ({"prompt": "x", "top_p": 1.5}, "`top_p`"),
+        ({"prompt": "x", "do_sample": 1}, "`do_sample`: Input should be a valid boolean"),
+        ({"prompt": "x", "stream": "yes"}, "`stream`"),
+        ({"prompt": "x", "seed": -3}, "`seed`"),
+        ({"prompt": "x", "prefix": "a"}, "exactly one input form"),
+        ({"suffix": "a"}, '"suffix" needs "prefix"'),
+        ({"messages": []}, "`messages`"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "`messages.0.role`"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "must end with a user"),
+        ({"input": "data"}, '"input" needs "instruction"'),
+        ({"prompt": "x", "bad_words_ids": [[-1]]}, "`bad_words_ids.0.0`"),
+    ],
+)
+def test_bad_values_name_the_field(body: dict[str, object], expected: str) -> None:
+    assert expected in parse_error(body)
+
+
+def test_unknown_parameters_are_named_with_the_list_of_accepted_ones() -> None:
+    message = parse_error({"prompt": "x", "max_tokenz": 5})
+    assert "Unknown parameter `max_tokenz`" in message
+    assert "max_new_tokens" in message  # the fix is in the message
+
+
+@pytest.mark.parametrize("name", sorted(PYTHON_ONLY_PARAMETERS))
+def test_python_only_parameters_are_refused_with_their_reason(name: str) -> None:
+    message = parse_error({"prompt": "x", name: "anything"})
+    assert f"`{name}` is not accepted: {PYTHON_ONLY_PARAMETERS[name]}" in message
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=8,
+)
+field_names = st.sampled_from(
+    ["prompt", "prefix", "suffix", "messages", "instruction", "input", "stream", "stop", "seed", "max_new_tokens",
+     "temperature", "top_p", "top_k", "num_beams", "do_sample", "bad_words_ids", "streamer", "junk"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(field_names, json_values, max_size=5))
+def test_fuzzed_bodies_either_parse_or_raise_a_client_error(body: dict[str, object]) -> None:
+    json.dumps(body)  # the fuzzer only sends what a client could
+    try:
+        PredictService.parse(body)
+    except InvalidRequest as error:
+        assert error.status_code == 400 and error.message
