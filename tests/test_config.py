@@ -1,0 +1,74 @@
+"""config.yaml is what Baseten builds: it must satisfy truss's own loader and lay out an image."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from truss.base.truss_config import Accelerator, TrussConfig
+from truss.contexts.image_builder.serving_image_builder import ServingImageBuilderContext
+from truss.contexts.local_loader.docker_build_emulator import DockerBuildEmulator
+
+from devtools.truss_local import REPO_ROOT, local_truss_copy
+from starcoder_serving.settings import ServingSettings
+
+CONFIG_PATH = REPO_ROOT / "config.yaml"
+
+
+def test_config_validates_with_truss() -> None:
+    config = TrussConfig.from_yaml(CONFIG_PATH)
+    assert config.resources.accelerator.accelerator == Accelerator.A100
+    assert config.python_version == "py311"
+    assert "hf_access_key" in config.secrets
+    assert config.model_metadata["example_model_input"] == {"prompt": "def compute_fib(n):"}
+    assert config.runtime.predict_concurrency >= 1
+    # The weights are cached at build time, read with the same secret.
+    (repo,) = config.model_cache.models
+    assert repo.repo_id == "bigcode/starcoder" and repo.runtime_secret_name == "hf_access_key"
+    assert ServingSettings.from_sources(config.model_metadata, environ={}).local_weights_dir == str(repo.runtime_path)
+
+
+def test_requirements_are_pinned_exactly() -> None:
+    requirements = TrussConfig.from_yaml(CONFIG_PATH).requirements
+    names = {re.split(r"==", line)[0] for line in requirements}
+    assert {"torch", "transformers", "accelerate", "safetensors", "huggingface_hub"} <= names
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.+]*", line) for line in requirements), requirements
+    # The same pins as local development, so what is tested is what is deployed.
+    dev_pins = {l.strip() for l in (REPO_ROOT / "requirements-dev.txt").read_text().splitlines() if "==" in l}
+    assert set(requirements) <= dev_pins
+
+
+def test_model_metadata_settings_are_valid() -> None:
+    metadata = yaml.safe_load(CONFIG_PATH.read_text())["model_metadata"]
+    settings = ServingSettings.from_sources(metadata, environ={})
+    assert (settings.checkpoint, settings.dtype, settings.device) == ("bigcode/starcoder", "bfloat16", "cuda")
+    assert settings.context_window == 8192
+    assert settings.default_max_new_tokens <= settings.max_new_tokens_cap
+
+
+def test_environment_overrides_config() -> None:
+    settings = ServingSettings.from_sources(
+        {"checkpoint": "bigcode/starcoder", "local_weights_dir": "/app/model_cache/starcoder"},
+        environ={"STARCODER_CHECKPOINT": "/tmp/tiny", "STARCODER_DEVICE": "cpu", "STARCODER_DTYPE": "float32"},
+    )
+    assert (settings.resolved_checkpoint(), settings.device, settings.dtype) == ("/tmp/tiny", "cpu", "float32")
+
+
+def test_truss_lays_out_the_image_build_context(tmp_path: Path) -> None:
+    """What `truss push` uploads, minus the hub lookup of model_cache (no internet here)."""
+    truss_dir = local_truss_copy(tmp_path / "truss")
+    assert not (truss_dir / ".venv").exists() and not (truss_dir / "tests").exists()  # .truss_ignore works
+    build_dir, fs_dir = tmp_path / "build", tmp_path / "fs"
+    build_dir.mkdir()
+    fs_dir.mkdir()
+    ServingImageBuilderContext.run(truss_dir).prepare_image_build_dir(build_dir)
+    dockerfile = (build_dir / "Dockerfile").read_text()
+    assert "COPY --chown=root:root ./packages /packages" in dockerfile
+    for pin in TrussConfig.from_yaml(CONFIG_PATH).requirements:
+        assert pin in (build_dir / "requirements.txt").read_text()
+    DockerBuildEmulator(build_dir / "Dockerfile", build_dir).run(fs_dir)
+    app = fs_dir / "app"
+    assert (app / "main.py").is_file() and (app / "model" / "model.py").is_file()
+    assert (app / "data" / "chat_template.jinja").is_file()
+    assert (fs_dir / "packages" / "starcoder_serving" / "engine.py").is_file()
