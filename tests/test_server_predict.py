@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from starcoder_serving.engine import Engine
 from tests.conftest import SECRET_SENTINEL, RunningServer
@@ -108,3 +111,25 @@ def test_the_secret_never_leaks(server: RunningServer) -> None:
     responses = [post(server, body) for body in ({"prompt": "x", "max_new_tokens": 2}, {"prompt": 1}, "{")]
     assert all(SECRET_SENTINEL not in r.text for r in responses)
     assert SECRET_SENTINEL not in server.log()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+fuzzed_fields = st.sampled_from(
+    ["prompt", "prefix", "suffix", "messages", "instruction", "input", "stream", "stop", "seed", "temperature",
+     "top_p", "top_k", "num_beams", "do_sample", "bad_words_ids", "suppress_tokens", "num_return_sequences",
+     "min_length", "streamer", "unknown"]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(fuzzed_fields, json_values, max_size=4))
+def test_fuzzed_requests_never_cause_a_server_error(server: RunningServer, body: dict[str, Any]) -> None:
+    # Non-finite floats are not JSON; send them the way a sloppy client would (as Python's json does).
+    response = post(server, json.dumps({"max_new_tokens": 2, **body}))
+    assert response.status_code < 500, response.text
+    if response.headers["content-type"].startswith("application/json"):
+        assert response.json()["status"] in {"success", "failed"}

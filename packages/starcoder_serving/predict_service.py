@@ -36,8 +36,7 @@ class PredictService:
             rendered = self.render(parsed)
             plans = self.plans(parsed, rendered)
             if parsed.stream:
-                # Validation is over: from here on errors can only end the stream.
-                return self._stream_bytes(request, plans[0])
+                return await self._start_stream(request, plans[0])
             completions = await self._complete_all(request, plans)
         except ServingError as error:
             return envelope.failure(error)
@@ -98,14 +97,28 @@ class PredictService:
             return completions
         return None
 
-    async def _stream_bytes(self, request: Request, plan: GenerationPlan) -> AsyncIterator[bytes]:
+    async def _start_stream(self, request: Request, plan: GenerationPlan) -> AsyncIterator[bytes]:
+        """Wait for the first text before answering, so that a full queue or a failed prefill still gets
+        a proper status code; after that, errors can only end the stream early."""
+        deltas = until_disconnected(request, self.engine.stream(plan))
         try:
-            async for delta in until_disconnected(request, self.engine.stream(plan)):
-                if delta.text:
-                    yield delta.text.encode("utf-8")
-        except ServingError as error:
-            # Headers are sent; the only way to say it is to end the stream early.
-            logger.warning("stream ended by error: %s", error.message)
+            first = await anext(deltas)
+        except StopAsyncIteration:  # nothing generated (immediate end of text) or the client left
+            first = None
+
+        async def text_chunks() -> AsyncIterator[bytes]:
+            try:
+                if first is not None and first.text:
+                    yield first.text.encode("utf-8")
+                async for delta in deltas:
+                    if delta.text:
+                        yield delta.text.encode("utf-8")
+            except ServingError as error:
+                logger.warning("stream ended by error: %s", error.message)
+            finally:
+                await deltas.aclose()
+
+        return text_chunks()
 
     @staticmethod
     def _data(parsed: PredictRequest, rendered: RenderedPrompt, completions: list[Completion]) -> dict[str, Any]:
