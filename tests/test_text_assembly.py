@@ -19,6 +19,10 @@ def test_stop_sequence_is_cut_and_never_emitted() -> None:
     assert [p.stopped for p in pieces] == [False, False, True]
 
 
+def test_the_first_completed_stop_sequence_wins() -> None:
+    assert StopSequenceMatcher(["a", "EaE"]).feed("EaE").emit == "E"
+
+
 def test_partial_match_that_does_not_complete_is_released() -> None:
     matcher = StopSequenceMatcher(["END"])
     first, second = matcher.feed("abcEN"), matcher.feed("x")
@@ -32,7 +36,9 @@ def test_partial_match_that_does_not_complete_is_released() -> None:
     cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=10),
 )
 def test_any_split_of_the_text_gives_the_same_result(text: str, stops: list[str], cuts: list[int]) -> None:
-    expected_cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    # Reference: scan the whole text; the stop sequence that ends first wins (ties: the longer one).
+    ends = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    expected_cut = min(ends)[1] if ends else -1
     expected = text if expected_cut < 0 else text[:expected_cut]
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     matcher = StopSequenceMatcher(stops)

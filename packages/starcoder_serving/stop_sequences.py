@@ -1,4 +1,4 @@
-"""Cut generated text at the first stop sequence, holding back text that might start one.
+"""Cut generated text at the first completed stop sequence, holding back text that might start one.
 
 While streaming, text that could be the beginning of a stop sequence is not sent until the next
 tokens show whether it is; so a stop sequence never appears in the output, streamed or not.
@@ -24,9 +24,12 @@ class StopSequenceMatcher:
         if not self._stops:
             return StopScan(text, False)
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # The stop sequence that is *completed* first wins (ties: the longer one), as when generating
+        # token by token; this makes the result the same however the text is split into pieces.
+        found = [(i + len(s), i) for s in self._stops if (i := buffer.find(s)) >= 0]
+        if found:
             self._held = ""
+            _, cut = min(found)
             return StopScan(buffer[:cut], True)
         keep = self._longest_partial_match(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
