@@ -1,0 +1,55 @@
+"""The load generator against the session's real server: structure and counts only, never speed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from bench.loadgen import LoadSpec, build_prompt, make_client, run_level, warmup
+from bench.report import BenchReport, ServerRun, compute_ratios, markdown_table, write
+from bench.run import concurrency_levels
+from tests.conftest import RunningServer
+
+
+def test_concurrency_levels() -> None:
+    assert concurrency_levels(16) == [1, 2, 4, 8, 16]
+    assert concurrency_levels(12) == [1, 2, 4, 8, 12]
+    assert concurrency_levels(1) == [1]
+
+
+def test_load_generator_against_the_server(server: RunningServer, tiny_model_dir: Path, tmp_path: Path) -> None:
+    prompt = build_prompt(AutoTokenizer.from_pretrained(tiny_model_dir), 8)
+    spec = LoadSpec(
+        predict_url=server.predict_url, prompt=prompt, max_new_tokens=4, requests_per_client=2, pin_length=True
+    )
+
+    async def drive() -> ServerRun:
+        async with make_client(spec, 2) as client:
+            check = await warmup(client, spec)
+            levels = [await run_level(client, spec, c, check) for c in (1, 2)]
+        return ServerRun(name="batched", description="smoke", warmup=check, levels=levels)
+
+    run = asyncio.run(drive())
+    assert run.warmup.prompt_tokens == 8 and run.warmup.completion_tokens == 4
+    for level, concurrency in zip(run.levels, (1, 2)):
+        assert level.concurrency == concurrency
+        assert level.requests == 2 * concurrency and level.failures == 0, level.errors
+        assert level.output_tokens == 4 * level.requests
+        assert level.output_tokens_per_s > 0
+        assert level.latency_s.p50 is not None and level.ttft_s.p50 is not None
+        assert level.ttft_s.p50 <= level.latency_s.p50 + 1e-9
+
+    # The same run as the seed: the report machinery (ratios, table, JSON, plot) end to end.
+    seed = run.model_copy(update={"name": "seed"})
+    report = BenchReport(
+        label="smoke", mode="local", created_at="now", machine={}, target=server.base_url,
+        predict_path="/v1/models/model:predict", prompt_tokens_requested=8, new_tokens=4, requests_per_client=2,
+        runs=[run, seed], ratios=compute_ratios(run, seed),
+    )
+    assert [r.ratio for r in report.ratios] == [1.0, 1.0]
+    assert markdown_table(report).count("\n") == 1 + 2 * 2
+    json_path, png_path = write(report, tmp_path)
+    assert BenchReport.model_validate_json(json_path.read_text()) == report
+    assert png_path.stat().st_size > 0
