@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from starcoder_serving.engine import Engine
+from starcoder_serving.openai_service import OpenAIService
 from starcoder_serving.predict_service import PredictService
 from starcoder_serving.settings import ServingSettings
 
@@ -24,6 +25,7 @@ class Model:
         self._data_dir = Path(kwargs["data_dir"])
         self._secrets = kwargs["secrets"]
         self._predict: PredictService | None = None
+        self._openai: OpenAIService | None = None
 
     def _hf_token(self) -> str | None:
         try:
@@ -35,9 +37,20 @@ class Model:
         settings = ServingSettings.from_sources(self._config.get("model_metadata"))
         engine = Engine.load(settings, self._data_dir, hf_token=self._hf_token())
         self._predict = PredictService(engine)
+        self._openai = OpenAIService(engine)
 
     # Taking the raw request (not parsed inputs) lets us answer malformed JSON in our own envelope
     # and notice when the client disconnects.
     async def predict(self, request: Request) -> Any:
         assert self._predict is not None, "load() has not run"
         return await self._predict.handle(request)
+
+    # OpenAI-compatible routes (POST /v1/completions, POST /v1/chat/completions): same engine and
+    # validation as predict, OpenAI's request and response shapes (see docs/openai.md).
+    async def completions(self, request: Request) -> Any:
+        assert self._openai is not None, "load() has not run"
+        return await self._openai.completions(request)
+
+    async def chat_completions(self, request: Request) -> Any:
+        assert self._openai is not None, "load() has not run"
+        return await self._openai.chat_completions(request)

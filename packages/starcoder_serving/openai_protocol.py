@@ -1,0 +1,347 @@
+"""Request shapes of the OpenAI-compatible routes, and their mapping onto engine parameters.
+
+``POST /v1/completions`` and ``POST /v1/chat/completions`` accept OpenAI's request bodies (plus
+vLLM's ``top_k``, ``repetition_penalty`` and ``min_tokens``). Every field is either honoured or
+refused with a 400 that says why: unknown fields, and known OpenAI fields this server cannot honour
+(``presence_penalty`` != 0, ``logit_bias``, ``tools``, ``best_of`` != n, ...), are never ignored.
+The response bodies are built in ``openai_service``; their shapes follow OpenAI's API reference.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import Field, StrictBool, StrictInt, StrictStr
+
+from starcoder_serving.errors import InvalidRequest
+
+# 2**63 - 1: what torch.manual_seed accepts.
+Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+# OpenAI's defaults: sampling at temperature 1 with the whole distribution (no top-k, top_p 1).
+DEFAULT_TEMPERATURE = 1.0
+# The most prompts one /v1/completions request may batch.
+MAX_PROMPTS = 64
+# OpenAI's own limits on logprobs counts.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+
+# Names people bring from the predict route or from transformers, with the OpenAI name to use.
+FIELD_HINTS: dict[str, str] = {
+    "max_new_tokens": "max_tokens",
+    "max_length": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "do_sample": "temperature (0 is greedy, > 0 samples)",
+    "num_return_sequences": "n",
+    "stop_sequences": "stop",
+    "prefix": "prompt (with suffix for fill-in-the-middle)",
+}
+
+
+class _Strict(pydantic.BaseModel):
+    # strict: "0.5" is not a float and 1 is not a bool; an int is still accepted for a float.
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool | None = None
+
+
+class SamplingRequest(_Strict):
+    """What both routes share. ``None`` (or an absent field) means OpenAI's default."""
+
+    model: StrictStr | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    n: PositiveInt | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=64)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[StrictStr, float] | None = None
+    seed: Seed | None = None
+    user: StrictStr | None = None
+    # vLLM's extras.
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def new_token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def check_supported(self) -> None:
+        """Refuse, by name, every sent parameter this server cannot honour."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequest(
+                    f"`{name}` is not supported by this server (only 0). Use `repetition_penalty` "
+                    "(> 1 discourages repeats) instead.",
+                    param=name,
+                )
+        if self.logit_bias:
+            raise InvalidRequest("`logit_bias` is not supported by this server; send {} or leave it out.", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest('`stream_options` is only allowed with "stream": true.', param="stream_options")
+        if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequest(
+                f"`min_tokens` ({self.min_tokens}) exceeds max_tokens ({self.max_tokens}).", param="min_tokens"
+            )
+
+    def generation_parameters(self) -> dict[str, Any]:
+        """transformers ``GenerationConfig`` names for the engine's ``plan``."""
+        parameters: dict[str, Any] = {}
+        limit = self.new_token_limit()
+        if limit is not None:
+            parameters["max_new_tokens"] = limit
+        if self.min_tokens:
+            parameters["min_new_tokens"] = self.min_tokens
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            parameters["repetition_penalty"] = self.repetition_penalty
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        if temperature == 0.0:
+            # Greedy: top_p / top_k cannot change the argmax, so they are honoured by construction.
+            parameters["do_sample"] = False
+            return parameters
+        parameters["do_sample"] = True
+        parameters["temperature"] = temperature
+        # OpenAI samples from the whole distribution: switch off transformers' default top_k=50.
+        parameters["top_k"] = self.top_k if self.top_k is not None and self.top_k > 0 else 0
+        if self.top_p is not None and self.top_p < 1.0:
+            parameters["top_p"] = self.top_p
+        return parameters
+
+
+class CompletionRequest(SamplingRequest):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)
+    ]
+    suffix: StrictStr | None = None
+    echo: StrictBool | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    best_of: PositiveInt | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of != self.choices_per_prompt:
+            raise InvalidRequest(
+                "`best_of` other than n is not supported: this server does not rank candidates. "
+                "Leave it out (or send best_of equal to n).",
+                param="best_of",
+            )
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest(
+                "`echo` together with `logprobs` is not supported: this server does not score prompt tokens. "
+                "Send one of them.",
+                param="echo",
+            )
+        if self.suffix is not None and self.echo:
+            raise InvalidRequest("`echo` cannot be combined with `suffix` (fill-in-the-middle).", param="echo")
+        if self.suffix is not None and any(not isinstance(p, str) for p in self.prompts()):
+            raise InvalidRequest("`suffix` needs a text `prompt`, not token ids.", param="suffix")
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Strict):
+    # "developer" is OpenAI's newer name for "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+
+    def as_template_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+# Known OpenAI chat fields this model cannot honour, with the reason given to the client.
+UNSUPPORTED_CHAT_FIELDS: dict[str, str] = {
+    "tools": "tool (function) calling is not supported by this model",
+    "tool_choice": "tool (function) calling is not supported by this model",
+    "parallel_tool_calls": "tool (function) calling is not supported by this model",
+    "functions": "function calling is not supported by this model",
+    "function_call": "function calling is not supported by this model",
+    "response_format": 'structured output is not supported; only {"type": "text"} is accepted',
+    "audio": "audio output is not supported",
+    "modalities": 'only text output is supported; send ["text"] or leave it out',
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this model does not reason",
+}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """The body of ``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
+    # Accepted only in their harmless forms; see check_supported.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+
+    def new_token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name, reason in UNSUPPORTED_CHAT_FIELDS.items():
+            value = getattr(self, name)
+            harmless = (
+                value is None
+                or (name in ("tools", "functions") and value == [])
+                or (name == "tool_choice" and value == "none")
+                or (name == "response_format" and value == {"type": "text"})
+                or (name == "modalities" and value == ["text"])
+            )
+            if not harmless:
+                raise InvalidRequest(f"`{name}` is not supported: {reason}.", param=name)
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise InvalidRequest(
+                "Send either `max_tokens` or `max_completion_tokens`, not two different values.",
+                param="max_completion_tokens",
+            )
+        if self.min_tokens is not None and (limit := self.new_token_limit()) is not None and self.min_tokens > limit:
+            raise InvalidRequest(f"`min_tokens` ({self.min_tokens}) exceeds the token limit ({limit}).", param="min_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest('`top_logprobs` needs "logprobs": true.', param="top_logprobs")
+        if self.messages[-1].role == "assistant":
+            raise InvalidRequest(
+                "`messages` must end with a user (or system) message: the model answers as the assistant.",
+                param="messages",
+            )
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [message.as_template_message() for message in self.messages]
+
+    @property
+    def chosen_logprobs(self) -> int | None:
+        """The engine's top_logprobs: None for no logprobs, k for the chosen token plus the top k."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
+
+
+# Fields that take one of several shapes: one sentence for the field instead of one per shape.
+UNION_FIELDS: dict[str, str] = {
+    "prompt": f"a string, a list of strings, a list of token ids (ints >= 0) or a list of such lists (at most {MAX_PROMPTS})",
+    "stop": "a string or a list of strings",
+    "content": 'a string or a list of {"type": "text", "text": "..."} parts',
+}
+
+
+def _is_union_tag(part: str | int) -> bool:
+    """pydantic names the union member that failed in the error's location ("str", "list[str]", ...)."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or "-" in part)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 80 else type(value).__name__
+
+
+def describe_validation_error(error: pydantic.ValidationError) -> InvalidRequest:
+    """One readable sentence per wrong field (union members folded into one), naming the field."""
+    problems: dict[str, str] = {}
+    for detail in error.errors():
+        raw = tuple(detail["loc"])
+        loc = [part for part in raw if not _is_union_tag(part)]
+        cut = next((i for i, part in enumerate(loc) if part in UNION_FIELDS), None)
+        if len(loc) != len(raw) and cut is not None:
+            name = ".".join(str(part) for part in loc[: cut + 1])
+            problems.setdefault(name, f"`{name}` must be {UNION_FIELDS[str(loc[cut])]}.")
+            continue
+        name = ".".join(str(part) for part in loc) or "body"
+        if detail["type"] == "extra_forbidden":
+            text = f"Unknown field `{name}`; remove it."
+        elif detail["type"] == "missing":
+            text = f"`{name}` is required."
+        else:
+            text = f"`{name}`: {detail['msg']} (got {_shown(detail.get('input'))})."
+        problems.setdefault(name, text)
+    return InvalidRequest(" ".join(problems.values()), param=next(iter(problems), None))
+
+
+def _parse(model: type[pydantic.BaseModel], body: dict[str, Any], route: str) -> Any:
+    known = frozenset(model.model_fields)
+    unknown = sorted(set(body) - known)
+    if unknown:
+        names = ", ".join(f"`{name}`" + (f" (use {FIELD_HINTS[name]})" if name in FIELD_HINTS else "") for name in unknown)
+        raise InvalidRequest(
+            f"Unknown parameter{'s' if len(unknown) > 1 else ''} {names} for {route}. Remove "
+            f"{'them' if len(unknown) > 1 else 'it'}; accepted parameters are: {', '.join(sorted(known))}.",
+            param=unknown[0],
+        )
+    try:
+        parsed = model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise describe_validation_error(exc) from None
+    parsed.check_supported()
+    return parsed
+
+
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    return _parse(CompletionRequest, body, "/v1/completions")  # type: ignore[no-any-return]
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    return _parse(ChatCompletionRequest, body, "/v1/chat/completions")  # type: ignore[no-any-return]
+
+
+def error_body(message: str, error_type: str, param: str | None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object; its clients turn it (with the status code) into their usual exceptions."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+FINISH_REASONS: dict[str, str] = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
