@@ -138,13 +138,15 @@ def test_a_fault_while_generating_is_reported_and_the_next_request_succeeds(engi
         engine.model.generate = original  # fail once, as a transient OOM would
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    # no_repeat_ngram_size is served by plain generate() (the batched path's faults: test_batching.py).
+    generate_path = {"max_new_tokens": 4, "no_repeat_ngram_size": 3}
     engine.model.generate = out_of_memory
     try:
         with pytest.raises(Overloaded, match="ran out of memory"):
-            run(engine, "hello", max_new_tokens=4)
+            run(engine, "hello", **generate_path)
     finally:
         engine.model.generate = original
-    assert run(engine, "hello", max_new_tokens=4).completion_tokens == 4
+    assert run(engine, "hello", **generate_path).completion_tokens == 4
     assert engine.requests_in_progress == 0
 
 

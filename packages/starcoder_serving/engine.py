@@ -21,6 +21,8 @@ from starcoder_serving.generate_worker import GenerateWorker
 from starcoder_serving.generation_params import check_with_transformers, token_ids_in
 from starcoder_serving.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenLogprob
 from starcoder_serving.prompts import ChatRenderer, InstructionTemplate
+from starcoder_serving.routing import Path as GenerationPath
+from starcoder_serving.routing import Route, batched_sampling_kwargs, choose_path, effective_parameters
 from starcoder_serving.settings import ServingSettings
 from starcoder_serving.stop_sequences import StopSequenceMatcher
 
@@ -64,11 +66,51 @@ class Engine:
         self.eos_token_ids = frozenset(i for i in eos_ids if i is not None)
         self.chat = ChatRenderer(tokenizer, (data_dir / settings.chat_template_file).read_text(encoding="utf-8"))
         self.instructions = InstructionTemplate.load(data_dir / settings.instruction_template_file)
-        self._worker = GenerateWorker(model, set(self.eos_token_ids), pad_token_id=tokenizer.eos_token_id)
+        self._batched = self._start_batched_worker(model, settings) if settings.continuous_batching else None
+        self._worker = GenerateWorker(
+            model, set(self.eos_token_ids), pad_token_id=tokenizer.eos_token_id, model_access=self._batched
+        )
+        # Generation defaults as generate() resolves them (transformers' globals < the checkpoint's own),
+        # so routing sees e.g. the top_k=50 that do_sample=True implies.
+        defaults = dict(model.generation_config._get_default_generation_params())
+        defaults.update({k: v for k, v in model.generation_config.to_dict().items() if v is not None})
+        self._generation_defaults = defaults
+        self._logits_size = int(model.get_output_embeddings().weight.shape[0])
         self._admitted = 0
+        self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
+
+    def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
+        """Two paths share one model; see batched_worker.py for why that is safe:
+
+        * requests the batch can honour exactly (routing.py) join the continuous batch;
+        * the rest run through GenerateWorker's generate(), which parks the batch loop (manager.pause)
+          for each of its steps and lets the batch take one step in between.
+        """
+        from starcoder_serving.batched_worker import BatchedWorker
+
+        # Stop where generate() stops: the checkpoint's generation_config eos (finish reasons use the wider set).
+        eos = model.generation_config.eos_token_id
+        stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        num_blocks, max_batch_tokens = settings.kv_num_blocks, settings.max_batch_tokens
+        if model.device.type == "cpu":
+            # transformers sizes an unset cache from free *host* memory on CPU (gigabytes); a CPU
+            # replica (tests, laptops) gets a fixed 256 pages x kv_page_size tokens instead.
+            num_blocks = num_blocks or 256
+            max_batch_tokens = max_batch_tokens or 512
+        return BatchedWorker(
+            model,
+            stop_token_ids=stop_ids or [self.tokenizer.eos_token_id],
+            finish_eos_ids=set(self.eos_token_ids),
+            max_batch_sequences=settings.max_batch_sequences,
+            max_batch_tokens=max_batch_tokens,
+            kv_num_blocks=num_blocks,
+            kv_page_size=settings.kv_page_size,
+            kv_memory_fraction=settings.kv_memory_fraction,
+            prefix_sharing=settings.prefix_sharing,
+        )
 
     @classmethod
-    def load(cls, settings: ServingSettings, data_dir: Path, hf_token: str | None = None) -> "Engine":
+    def load(cls, settings: ServingSettings, data_dir: Path, hf_token: str | None = None) -> Engine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,10 +237,26 @@ class Engine:
             raise Overloaded(
                 f"The server is at capacity ({self._admitted} requests in progress); retry in a moment."
             )
+        route = self.route(plan)
         self._admitted += 1
+        self.routed[route.path] += 1
         job = Job(plan, asyncio.get_running_loop())
-        self._worker.submit(job)
+        if route.path is GenerationPath.BATCHED:
+            params = effective_parameters(self._generation_defaults, plan.generation_kwargs)
+            self._batched.submit(job, batched_sampling_kwargs(params, self._logits_size))
+        else:
+            self._worker.submit(job)
         return job
+
+    def route(self, plan: GenerationPlan) -> Route:
+        """Which path (continuous batch or lone generate()) serves this plan, and why."""
+        return choose_path(
+            effective_parameters(self._generation_defaults, plan.generation_kwargs),
+            seed=plan.seed,
+            top_logprobs=plan.top_logprobs,
+            continuous_batching=self._batched is not None,
+            request_keys=set(plan.generation_kwargs),
+        )
 
     @property
     def requests_in_progress(self) -> int:
@@ -257,3 +315,5 @@ class Engine:
 
     def shutdown(self) -> None:
         self._worker.shutdown()
+        if self._batched is not None:
+            self._batched.shutdown()

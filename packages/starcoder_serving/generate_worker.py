@@ -7,11 +7,12 @@ cancel flag every step, so a cancelled request stops within one token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -29,6 +30,25 @@ class _CancelCriterion(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self._job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ModelAccess(Protocol):
+    """How this worker shares the model with another user of it (the continuous-batching loop)."""
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def yield_to_batch(self) -> None: ...
+
+
+class _YieldCriterion(StoppingCriteria):
+    """Never stops; between two decode steps hands the model to the batch loop for one of its steps."""
+
+    def __init__(self, access: ModelAccess) -> None:
+        self._access = access
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self._access.yield_to_batch()
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -84,8 +104,13 @@ class _TokenForwarder(BaseStreamer):
 
 
 class GenerateWorker:
-    def __init__(self, model: Any, eos_token_ids: set[int], pad_token_id: int) -> None:
+    def __init__(
+        self, model: Any, eos_token_ids: set[int], pad_token_id: int, model_access: ModelAccess | None = None
+    ) -> None:
         self._model = model
+        # None: this worker is the model's only user. Otherwise every generate() runs inside
+        # model_access.exclusive() (the batch loop parked) and yields to the batch between its steps.
+        self._model_access = model_access
         self._eos_token_ids = eos_token_ids
         self._pad_token_id = pad_token_id
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -111,11 +136,15 @@ class GenerateWorker:
         recorder = _LogprobRecorder() if plan.top_logprobs is not None else None
         forwarder = _TokenForwarder(job, recorder)
         beam_search = plan.generation_kwargs.get("num_beams", 1) > 1
+        access = self._model_access
+        criteria = [_CancelCriterion(job)] + ([_YieldCriterion(access)] if access is not None else [])
         try:
-            if plan.seed is not None:
-                torch.manual_seed(plan.seed)  # seeds CUDA too; safe: this thread runs one job at a time
             input_ids = torch.tensor([plan.prompt_ids], dtype=torch.long, device=self._model.device)
-            with torch.inference_mode():
+            with access.exclusive() if access is not None else contextlib.nullcontext(), torch.inference_mode():
+                if plan.seed is not None:
+                    # Seeds CUDA too. Safe: this thread runs one job at a time, and the batch loop (which
+                    # shares the global RNG) only steps in yield_to_batch, which restores the RNG state.
+                    torch.manual_seed(plan.seed)
                 output = self._model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
@@ -123,7 +152,7 @@ class GenerateWorker:
                     pad_token_id=self._pad_token_id,
                     # Beam search cannot stream: its tokens are forwarded once the best beam is known.
                     streamer=None if beam_search else forwarder,
-                    stopping_criteria=StoppingCriteriaList([_CancelCriterion(job)]),
+                    stopping_criteria=StoppingCriteriaList(criteria),
                     logits_processor=LogitsProcessorList([recorder]) if recorder else None,
                     **plan.generation_kwargs,
                 )

@@ -23,6 +23,13 @@ ENV_OVERRIDES: dict[str, str] = {
     "STARCODER_MAX_NEW_TOKENS_CAP": "max_new_tokens_cap",
     "STARCODER_DEFAULT_MAX_NEW_TOKENS": "default_max_new_tokens",
     "STARCODER_MAX_QUEUED_REQUESTS": "max_queued_requests",
+    "STARCODER_CONTINUOUS_BATCHING": "continuous_batching",
+    "STARCODER_MAX_BATCH_SEQUENCES": "max_batch_sequences",
+    "STARCODER_MAX_BATCH_TOKENS": "max_batch_tokens",
+    "STARCODER_KV_PAGE_SIZE": "kv_page_size",
+    "STARCODER_KV_NUM_BLOCKS": "kv_num_blocks",
+    "STARCODER_KV_MEMORY_FRACTION": "kv_memory_fraction",
+    "STARCODER_PREFIX_SHARING": "prefix_sharing",
 }
 
 
@@ -46,6 +53,20 @@ class ServingSettings(pydantic.BaseModel):
     max_stop_sequence_chars: int = pydantic.Field(256, ge=1)
     # Requests admitted to the engine (running + waiting); past this the server answers 503.
     max_queued_requests: int = pydantic.Field(256, ge=1)
+    # Continuous batching (batched_worker.py): concurrent requests share each forward pass over a
+    # paged KV cache. False: every request runs alone through model.generate() (the seed's behaviour).
+    continuous_batching: bool = True
+    # Sequences decoded together in one step (the rest wait for a slot, still admitted).
+    max_batch_sequences: int = pydantic.Field(64, ge=1)
+    # Query tokens per forward pass (prefill chunks + one per decoding sequence). None: derived from memory.
+    max_batch_tokens: int | None = pydantic.Field(None, ge=1)
+    # Tokens per KV-cache page (block), and the number of blocks. kv_num_blocks None: sized from
+    # kv_memory_fraction of the accelerator memory left free after loading the weights.
+    kv_page_size: int = pydantic.Field(256, ge=4)
+    kv_num_blocks: int | None = pydantic.Field(None, ge=1)
+    kv_memory_fraction: float | None = pydantic.Field(None, gt=0.0, le=0.95)
+    # Reuse the KV pages of an identical prompt prefix (shared system prompts, FIM file headers).
+    prefix_sharing: bool = True
     instruction_template_file: str = "instruction_template.json"
     chat_template_file: str = "chat_template.jinja"
 
