@@ -51,14 +51,12 @@ async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) 
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
     watcher = asyncio.create_task(wait_for_disconnect())
+    next_item: asyncio.Future[T] | None = None
     try:
         while True:
             next_item = asyncio.ensure_future(anext(items))
             await asyncio.wait({next_item, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not next_item.done():  # the client went away first
-                next_item.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await next_item
                 return
             try:
                 item = next_item.result()
@@ -66,7 +64,13 @@ async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) 
                 return
             yield item
     finally:
+        # Also reached when the server cancels us (e.g. starlette noticed the disconnect first): the
+        # pending `anext` must be cancelled before `items` can be closed, or the generation runs on.
         watcher.cancel()
+        if next_item is not None and not next_item.done():
+            next_item.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await next_item
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()
