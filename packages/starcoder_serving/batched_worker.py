@@ -40,7 +40,7 @@ from transformers.generation.continuous_batching.continuous_api import OutputRou
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from starcoder_serving.errors import GenerationFailed, Overloaded
-from starcoder_serving.jobs import DoneEvent, FinishReason, Job, TokenEvent
+from starcoder_serving.jobs import DoneEvent, Event, FinishReason, Job, TokenEvent, emit_all
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,13 @@ class _JobRouter(OutputRouter):
         self._worker = worker
 
     def deliver(self, output: GenerationOutput) -> None:
-        self._worker._on_output(output)
+        self.deliver_batch([output])
 
     def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
+        emissions: list[tuple[Job, Event]] = []
         for output in outputs:
-            self._worker._on_output(output)
+            self._worker._on_output(output, emissions)
+        emit_all(emissions)  # one wake-up of the event loop per step, not one per request
 
 
 class BatchedWorker:
@@ -168,14 +170,18 @@ class BatchedWorker:
         with self._lock:
             return len(self._active)
 
-    def _finish(self, request_id: str, event: DoneEvent) -> None:
+    def _finish(self, request_id: str, event: DoneEvent, emissions: list[tuple[Job, Event]] | None = None) -> None:
         with self._lock:
             active = self._active.pop(request_id, None)
-        if active is not None:
+        if active is None:
+            return
+        if emissions is None:
             active.job.emit(event)
+        else:
+            emissions.append((active.job, event))
 
-    def _on_output(self, output: GenerationOutput) -> None:
-        """Called on the manager's thread for each new token of a streaming request, and at its end."""
+    def _on_output(self, output: GenerationOutput, emissions: list[tuple[Job, Event]]) -> None:
+        """On the manager's thread, for each new token of a streaming request and at its end: queue its events."""
         with self._lock:
             active = self._active.get(output.request_id)
         if active is None:  # cancelled already, or a late output
@@ -189,18 +195,18 @@ class BatchedWorker:
                 )
             else:
                 error = GenerationFailed("Generation failed. Retry the request.")
-            self._finish(output.request_id, DoneEvent(error=error))
+            self._finish(output.request_id, DoneEvent(error=error), emissions)
             return
         if job.cancelled.is_set():
             self._cancel(output.request_id)
             return
         tokens = output.generated_tokens
         for token_id in tokens[active.forwarded :]:
-            job.emit(TokenEvent(int(token_id)))
+            emissions.append((job, TokenEvent(int(token_id))))
         active.forwarded = max(active.forwarded, len(tokens))
         if output.is_finished():
             reason = FinishReason.EOS if tokens and tokens[-1] in self._finish_eos_ids else FinishReason.LENGTH
-            self._finish(output.request_id, DoneEvent(reason))
+            self._finish(output.request_id, DoneEvent(reason), emissions)
 
     def _cancel(self, request_id: str) -> None:
         self._manager.cancel_request(request_id)  # frees its pages at the next step

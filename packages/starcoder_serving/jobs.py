@@ -70,13 +70,36 @@ class Job:
 
     def emit(self, event: Event) -> None:
         """Thread-safe: called from the worker thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled.set()
+        emit_all([(self, event)])
 
-    async def next_event(self) -> Event:
-        return await self._events.get()
+    async def next_events(self) -> list[Event]:
+        """Wait for the next event, then take every other one already waiting."""
+        events = [await self._events.get()]
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+def _deliver(emissions: list[tuple[Job, Event]]) -> None:
+    for job, event in emissions:
+        job._events.put_nowait(event)
+
+
+def emit_all(emissions: list[tuple[Job, Event]]) -> None:
+    """Thread-safe: hand many events to their jobs with one wake-up per event loop.
+
+    Each wake-up (``call_soon_threadsafe``) writes to the loop's self-pipe; a batch step that
+    produces a token for each of 64 requests should pay for that once, not 64 times.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+    for job, event in emissions:
+        by_loop.setdefault(job._loop, []).append((job, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for job, _ in batch:
+                job.cancelled.set()
