@@ -1,8 +1,10 @@
 """Closed-loop HTTP load against the predict route: N clients, each sending its requests back to back.
 
-Every request asks for exactly L new tokens (``max_new_tokens = min_new_tokens = L``) so an early
-end-of-text never makes one server look faster than another; output tokens are therefore counted
-as L per successful request, after a non-streamed warm-up has confirmed the server reports L.
+Every request generates exactly L new tokens, so an early end-of-text never makes one server look
+faster than another. By default the prompt is chosen so that its greedy completion runs the full L
+tokens (a warm-up tries a few P-token prompts until one does); ``--pin-length`` instead sends
+``min_new_tokens = L``, which this server serves on the one-at-a-time path (continuous batching
+cannot suppress end-of-text), so it measures that path only.
 Timings come from the streamed body: time to first chunk (TTFT), gaps between chunks, and the
 whole request.
 """
@@ -231,9 +233,10 @@ _PROMPT_SOURCE = (
 )
 
 
-def build_prompt(tokenizer: Any, n_tokens: int) -> str:
+def build_prompt(tokenizer: Any, n_tokens: int, variant: int = 0) -> str:
     """Code-like text that the given tokenizer encodes to exactly ``n_tokens`` tokens.
 
+    ``variant`` starts the text at another line, for a different prompt of the same length.
     Cutting a token list and decoding can re-encode to a different length (BPE merges across the
     cut), so we try a few cut points until the round trip is exact.
     """
@@ -243,7 +246,9 @@ def build_prompt(tokenizer: Any, n_tokens: int) -> str:
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    source = _PROMPT_SOURCE
+    lines = _PROMPT_SOURCE.splitlines(keepends=True)
+    start = variant % len(lines)
+    source = "".join(lines[start:] + lines[:start])
     while len(encode(source)) < n_tokens + 32:
         source += _PROMPT_SOURCE
     ids = encode(source)
@@ -252,3 +257,20 @@ def build_prompt(tokenizer: Any, n_tokens: int) -> str:
         if len(encode(text)) == n_tokens:
             return text
     raise BenchError(f"could not build a prompt of exactly {n_tokens} tokens")
+
+
+async def full_length_prompt(
+    client: httpx.AsyncClient, spec: LoadSpec, candidates: Sequence[str]
+) -> tuple[LoadSpec, WarmupCheck]:
+    """The first candidate prompt whose completion runs all L tokens, with its warm-up check."""
+    check: WarmupCheck | None = None
+    for prompt in candidates:
+        spec = spec.model_copy(update={"prompt": prompt})
+        check = await warmup(client, spec)
+        if check.completion_tokens == spec.max_new_tokens:
+            return spec, check
+    assert check is not None, "no candidate prompts"
+    raise BenchError(
+        f"none of {len(candidates)} prompts ran to {spec.max_new_tokens} tokens (the last ended after "
+        f"{check.completion_tokens}, finish_reason={check.finish_reason}); use --pin-length or fewer --new-tokens"
+    )

@@ -34,6 +34,7 @@ from bench.loadgen import (
     RequestSample,
     WarmupCheck,
     build_prompt,
+    full_length_prompt,
     make_client,
     one_request,
     run_level,
@@ -50,6 +51,9 @@ LOCAL_SERVERS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("seed", "STARCODER_CONTINUOUS_BATCHING=0: one request at a time through plain generate()",
      {"STARCODER_CONTINUOUS_BATCHING": "0"}),
 )
+
+
+PROMPT_CANDIDATES = 16
 
 
 def concurrency_levels(max_concurrency: int) -> list[int]:
@@ -169,7 +173,9 @@ class Target:
         return ServerRun(name=self.name, description=self.description, warmup=self.check, levels=self.levels)
 
 
-async def drive(targets: list[Target], levels: list[int], warmup_requests: int) -> list[ServerRun]:
+async def drive(
+    targets: list[Target], prompts: list[str], levels: list[int], warmup_requests: int
+) -> list[ServerRun]:
     """Warm every target up, then run each level against each target in turn.
 
     Interleaving per level (batched c=1, seed c=1, batched c=2, ...) rather than one server after
@@ -177,6 +183,11 @@ async def drive(targets: list[Target], levels: list[int], warmup_requests: int) 
     """
     clients = [make_client(t.spec, max(levels)) for t in targets]
     try:
+        # One prompt for every target: the first whose greedy completion runs the full L tokens.
+        first = targets[0]
+        first.spec, first.check = await full_length_prompt(clients[0], first.spec, prompts)
+        for target in targets[1:]:
+            target.spec = target.spec.model_copy(update={"prompt": first.spec.prompt})
         for target, client in zip(targets, clients):
             target.check = await warmup(client, target.spec)
             print(f"[{target.name}] warm-up: prompt_tokens={target.check.prompt_tokens} "
@@ -212,7 +223,7 @@ def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerR
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, start_server
 
     model_dir = build_tiny_model(DEFAULT_TINY_MODEL_DIR)
-    prompt = prompt_for(args, args.tokenizer or model_dir)
+    prompts = prompts_for(args, args.tokenizer or model_dir)
     env = {"STARCODER_CHECKPOINT": str(model_dir), "STARCODER_DTYPE": "float32", "STARCODER_DEVICE": "cpu"}
     servers = LOCAL_SERVERS[:1] if args.no_seed else LOCAL_SERVERS
     processes: list[subprocess.Popen[bytes]] = []
@@ -231,11 +242,11 @@ def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerR
                                        stderr=subprocess.STDOUT)
             processes.append(process)
             wait_ready(base_url, process, log_path)
-            spec = LoadSpec(predict_url=base_url + (args.predict_path or LOCAL_PREDICT_PATH), prompt=prompt,
+            spec = LoadSpec(predict_url=base_url + (args.predict_path or LOCAL_PREDICT_PATH), prompt=prompts[0],
                             max_new_tokens=args.new_tokens, requests_per_client=args.requests_per_client,
                             timeout_s=args.timeout, pin_length=args.pin_length)
             targets.append(Target(name, description, spec))
-        return asyncio.run(drive(targets, levels, args.warmup_requests)), "http://127.0.0.1 (local Truss servers)"
+        return asyncio.run(drive(targets, prompts, levels, args.warmup_requests)), "http://127.0.0.1 (local Truss servers)"
     finally:
         for process in processes:
             stop(process)
@@ -248,21 +259,24 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[list[Server
 
     base_url = args.base_url.rstrip("/")
     headers = {"Authorization": f"Api-Key {args.api_key}"} if args.api_key else {}
-    prompt = prompt_for(args, args.tokenizer or build_tiny_model(DEFAULT_TINY_MODEL_DIR))
-    spec = LoadSpec(predict_url=base_url + (args.predict_path or BASETEN_PREDICT_PATH), prompt=prompt,
+    prompts = prompts_for(args, args.tokenizer or build_tiny_model(DEFAULT_TINY_MODEL_DIR))
+    spec = LoadSpec(predict_url=base_url + (args.predict_path or BASETEN_PREDICT_PATH), prompt=prompts[0],
                     max_new_tokens=args.new_tokens, requests_per_client=args.requests_per_client,
                     timeout_s=args.timeout, headers=headers,
                     pin_length=args.pin_length)
     target = Target("remote", f"deployment at {base_url}", spec)
-    return asyncio.run(drive([target], levels, args.warmup_requests)), base_url
+    return asyncio.run(drive([target], prompts, levels, args.warmup_requests)), base_url
 
 
-def prompt_for(args: argparse.Namespace, tokenizer_dir: Path | str) -> str:
+def prompts_for(args: argparse.Namespace, tokenizer_dir: Path | str) -> list[str]:
+    """Candidate P-token prompts (different starting lines), tried in order by the warm-up."""
     from transformers import AutoTokenizer
 
     # Another tokenizer (a deployment's) may count this text differently: the warm-up records the
     # server's own count, which is what the report shows.
-    return build_prompt(AutoTokenizer.from_pretrained(str(tokenizer_dir)), args.prompt_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    candidates = [build_prompt(tokenizer, args.prompt_tokens, variant) for variant in range(PROMPT_CANDIDATES)]
+    return list(dict.fromkeys(candidates))  # unique, in order
 
 
 def main(argv: list[str] | None = None) -> int:
