@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import subprocess
@@ -60,11 +61,10 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+@contextlib.contextmanager
+def launch_server(tiny_model_dir: Path, workdir: Path, extra_env: dict[str, str] | None = None) -> Iterator[RunningServer]:
     """The real Truss server, laid out by truss from this package, serving the tiny model."""
     port = _free_port()
-    workdir = tmp_path_factory.mktemp("truss-server")
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         process = start_server(
@@ -75,6 +75,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 "STARCODER_DTYPE": "float32",
                 "STARCODER_DEVICE": "cpu",
                 "TRUSS_SECRET_hf_access_key": SECRET_SENTINEL,
+                **(extra_env or {}),
             },
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -100,3 +101,9 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with launch_server(tiny_model_dir, tmp_path_factory.mktemp("truss-server")) as running:
+        yield running
