@@ -49,4 +49,5 @@ def test_requests_past_capacity_get_503_and_the_server_recovers(small_server: Ru
             break
         time.sleep(0.2)
     assert response.status_code == 200 and response.json()["data"]["completion_tokens"] == 3
-    assert small_server.log().count("cancelled=True") >= CAPACITY  # freed by cancelling, not by finishing
+    # Freed by cancelling, not by finishing: the running one stopped early, the queued one never ran.
+    assert "cancelled=True" in small_server.log() and "completion_tokens=2000" not in small_server.log()
