@@ -283,7 +283,7 @@ class Engine:
         route = self.route(plan)
         self._admitted += 1
         self.routed[route.path] += 1
-        job = Job(plan, asyncio.get_running_loop())
+        job = Job(plan, asyncio.get_running_loop(), path=route.path.value)
         if route.path is GenerationPath.BATCHED:
             params = effective_parameters(self._generation_defaults, plan.generation_kwargs)
             self._batched.submit(job, batched_sampling_kwargs(params, self._logits_size))
@@ -315,6 +315,7 @@ class Engine:
         """
         job = self._admit(plan)
         text = _TextAssembler(self.tokenizer, plan.stop)
+        started = time.perf_counter()
         try:
             while text.reason is None:
                 piece = "".join(text.feed(event) for event in await job.next_events() if text.reason is None)
@@ -328,6 +329,16 @@ class Engine:
         finally:
             job.cancel()  # no-op when finished; stops the worker when the client left early
             self._admitted -= 1
+            # One line per request, the same for both paths; never the prompt or the completion.
+            logger.info(
+                "request %d done: path=%s finish_reason=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
+                job.id,
+                job.path,
+                (text.reason or FinishReason.CANCELLED).value,
+                plan.prompt_tokens,
+                text.completion_tokens,
+                time.perf_counter() - started,
+            )
 
     async def complete(self, plan: GenerationPlan) -> Completion:
         result: list[Completion] = []

@@ -61,9 +61,10 @@ _job_ids = itertools.count(1)
 class Job:
     """One generation: the worker thread writes events, the event loop reads them."""
 
-    def __init__(self, plan: GenerationPlan, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, plan: GenerationPlan, loop: asyncio.AbstractEventLoop, path: str = "generate") -> None:
         self.id = next(_job_ids)
         self.plan = plan
+        self.path = path  # which worker serves it, for the logs
         self.cancelled = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
