@@ -46,7 +46,7 @@ class Model:
         return await self._predict.handle(request)
 
     # OpenAI-compatible routes (POST /v1/completions, POST /v1/chat/completions): same engine and
-    # validation as predict, OpenAI's request and response shapes (see docs/openai.md).
+    # validation as predict, OpenAI's request and response shapes (see README: "The OpenAI-compatible API").
     async def completions(self, request: Request) -> Any:
         assert self._openai is not None, "load() has not run"
         return await self._openai.completions(request)
