@@ -78,8 +78,12 @@ def starcoder_config(shape: str) -> Any:
     from transformers import GPTBigCodeConfig
 
     common: dict[str, Any] = {
-        "vocab_size": 49152, "n_positions": 8192, "multi_query": True, "activation_function": "gelu_pytorch_tanh",
-        "bos_token_id": 0, "eos_token_id": 0,
+        "vocab_size": 49152,
+        "n_positions": 8192,
+        "multi_query": True,
+        "activation_function": "gelu_pytorch_tanh",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
     }
     if shape == "starcoder":  # bigcode/starcoder's config.json
         return GPTBigCodeConfig(n_layer=40, n_embd=6144, n_head=48, n_inner=24576, **common)
@@ -143,21 +147,34 @@ def timed_generate(model: Any, prompt_ids: list[int], new_tokens: int, device: s
     synchronize(device)
     started = time.perf_counter()
     with torch.inference_mode():
-        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     synchronize(device)
     return time.perf_counter() - started
 
 
-def measure_decode(model: Any, prompt_ids: list[int], new_tokens: int, device: str, repeats: int,
-                   roofline: float) -> DecodeResult:
+def measure_decode(
+    model: Any, prompt_ids: list[int], new_tokens: int, device: str, repeats: int, roofline: float
+) -> DecodeResult:
     timed_generate(model, prompt_ids, 4, device)  # warm-up: kernels, allocator, cuBLAS handles
     prefill = statistics.median(timed_generate(model, prompt_ids, 1, device) for _ in range(repeats))
     full = statistics.median(timed_generate(model, prompt_ids, new_tokens, device) for _ in range(repeats))
     decode = (new_tokens - 1) / (full - prefill) if new_tokens > 1 and full > prefill else 0.0
-    return DecodeResult(prompt_tokens=len(prompt_ids), new_tokens=new_tokens, prefill_s=prefill, generate_s=full,
-                        decode_tokens_per_s=decode, roofline_tokens_per_s=roofline,
-                        fraction_of_roofline=decode / roofline if roofline else 0.0)
+    return DecodeResult(
+        prompt_tokens=len(prompt_ids),
+        new_tokens=new_tokens,
+        prefill_s=prefill,
+        generate_s=full,
+        decode_tokens_per_s=decode,
+        roofline_tokens_per_s=roofline,
+        fraction_of_roofline=decode / roofline if roofline else 0.0,
+    )
 
 
 def engine_settings(device: str, dtype_name: str, batched: bool, new_tokens: int, max_queued: int) -> Any:
@@ -166,14 +183,20 @@ def engine_settings(device: str, dtype_name: str, batched: bool, new_tokens: int
     # Through from_sources, as the server reads them, so STARCODER_CONTINUOUS_BATCHING means here
     # exactly what it means on the server.
     return ServingSettings.from_sources(
-        {"checkpoint": "random-weights-starcoder-15.5b", "dtype": dtype_name, "device": device,
-         "max_new_tokens_cap": max(new_tokens, 2048), "max_queued_requests": max_queued},
+        {
+            "checkpoint": "random-weights-starcoder-15.5b",
+            "dtype": dtype_name,
+            "device": device,
+            "max_new_tokens_cap": max(new_tokens, 2048),
+            "max_queued_requests": max_queued,
+        },
         environ={"STARCODER_CONTINUOUS_BATCHING": "1" if batched else "0"},
     )
 
 
-async def engine_level(engine: Any, prompt_ids: list[int], new_tokens: int, concurrency: int,
-                       requests_per_client: int) -> EngineLevel:
+async def engine_level(
+    engine: Any, prompt_ids: list[int], new_tokens: int, concurrency: int, requests_per_client: int
+) -> EngineLevel:
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
@@ -195,25 +218,43 @@ async def engine_level(engine: Any, prompt_ids: list[int], new_tokens: int, conc
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - started
-    return EngineLevel(concurrency=concurrency, requests=concurrency * requests_per_client, output_tokens=tokens,
-                       wall_s=wall, output_tokens_per_s=tokens / wall, latency_s=Percentiles.of(latencies),
-                       ttft_s=Percentiles.of(ttfts))
+    return EngineLevel(
+        concurrency=concurrency,
+        requests=concurrency * requests_per_client,
+        output_tokens=tokens,
+        wall_s=wall,
+        output_tokens_per_s=tokens / wall,
+        latency_s=Percentiles.of(latencies),
+        ttft_s=Percentiles.of(ttfts),
+    )
 
 
-def run_engine(name: str, model: Any, tokenizer: Any, settings: Any, prompt_ids: list[int], new_tokens: int,
-               levels: Sequence[int], requests_per_client: int) -> EngineRun:
+def run_engine(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    settings: Any,
+    prompt_ids: list[int],
+    new_tokens: int,
+    levels: Sequence[int],
+    requests_per_client: int,
+) -> EngineRun:
     from starcoder_serving.engine import Engine
 
     engine = Engine(model, tokenizer, settings, DATA_DIR)
     results: list[EngineLevel] = []
     try:
+
         async def all_levels() -> None:
             await engine_level(engine, prompt_ids, new_tokens, min(4, max(levels)), 1)  # warm-up
             for concurrency in levels:
                 level = await engine_level(engine, prompt_ids, new_tokens, concurrency, requests_per_client)
                 results.append(level)
-                print(f"[{name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
-                      f"p50 latency {level.latency_s.p50 or 0:.2f} s", flush=True)
+                print(
+                    f"[{name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
+                    f"p50 latency {level.latency_s.p50 or 0:.2f} s",
+                    flush=True,
+                )
 
         asyncio.run(all_levels())
     finally:
@@ -224,8 +265,12 @@ def run_engine(name: str, model: Any, tokenizer: Any, settings: Any, prompt_ids:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # passed through from bench.run
-    parser.add_argument("--shape", choices=("starcoder", "tiny"), default="starcoder",
-                        help="tiny: a small stand-in to check this script on a CPU (numbers mean nothing)")
+    parser.add_argument(
+        "--shape",
+        choices=("starcoder", "tiny"),
+        default="starcoder",
+        help="tiny: a small stand-in to check this script on a CPU (numbers mean nothing)",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -250,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench --gpu needs a CUDA GPU, and torch sees none here "
-              f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). Run it on a CUDA machine "
-              "with a CUDA build of torch, or use --shape tiny --device cpu to check the script.", file=sys.stderr)
+        print(
+            "bench --gpu needs a CUDA GPU, and torch sees none here "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). Run it on a CUDA machine "
+            "with a CUDA build of torch, or use --shape tiny --device cpu to check the script.",
+            file=sys.stderr,
+        )
         return 2
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
     prompt_ids = list(tokenizer(build_prompt(tokenizer, args.prompt_tokens), add_special_tokens=False)["input_ids"])
@@ -264,32 +312,65 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.shape, args.device, args.dtype, printable_ids=len(tokenizer))
     parameters = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"built {args.shape} ({parameters / 1e9:.2f} B parameters, {weight_bytes / 1e9:.1f} GB) in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"built {args.shape} ({parameters / 1e9:.2f} B parameters, {weight_bytes / 1e9:.1f} GB) in "
+        f"{time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     roofline = bandwidth / weight_bytes
     decode = measure_decode(model, prompt_ids, args.new_tokens, args.device, args.repeats, roofline)
-    print(f"single stream: {decode.decode_tokens_per_s:.1f} decode tok/s vs roofline {roofline:.1f} "
-          f"({decode.fraction_of_roofline:.0%}); prefill of {len(prompt_ids)} tokens {decode.prefill_s * 1000:.0f} ms",
-          flush=True)
+    print(
+        f"single stream: {decode.decode_tokens_per_s:.1f} decode tok/s vs roofline {roofline:.1f} "
+        f"({decode.fraction_of_roofline:.0%}); prefill of {len(prompt_ids)} tokens {decode.prefill_s * 1000:.0f} ms",
+        flush=True,
+    )
 
     max_queued = max(256, max(args.levels) * args.requests_per_client)
-    runs = [run_engine("batched", model, tokenizer,
-                       engine_settings(args.device, args.dtype, True, args.new_tokens, max_queued),
-                       prompt_ids, args.new_tokens, args.levels, args.requests_per_client)]
+    runs = [
+        run_engine(
+            "batched",
+            model,
+            tokenizer,
+            engine_settings(args.device, args.dtype, True, args.new_tokens, max_queued),
+            prompt_ids,
+            args.new_tokens,
+            args.levels,
+            args.requests_per_client,
+        )
+    ]
     if not args.no_seed:
-        runs.append(run_engine("seed", model, tokenizer,
-                               engine_settings(args.device, args.dtype, False, args.new_tokens, max_queued),
-                               prompt_ids, args.new_tokens, args.levels, args.requests_per_client))
+        runs.append(
+            run_engine(
+                "seed",
+                model,
+                tokenizer,
+                engine_settings(args.device, args.dtype, False, args.new_tokens, max_queued),
+                prompt_ids,
+                args.new_tokens,
+                args.levels,
+                args.requests_per_client,
+            )
+        )
     ratios: dict[int, float | None] = {}
     if len(runs) == 2:
         for b, s in zip(runs[0].levels, runs[1].levels):
             ratios[b.concurrency] = b.output_tokens_per_s / s.output_tokens_per_s if s.output_tokens_per_s else None
-            print(f"c={b.concurrency:>3}: batched {b.output_tokens_per_s:8.1f} tok/s / seed "
-                  f"{s.output_tokens_per_s:8.1f} tok/s = {ratios[b.concurrency] or 0:.2f}x")
+            print(
+                f"c={b.concurrency:>3}: batched {b.output_tokens_per_s:8.1f} tok/s / seed "
+                f"{s.output_tokens_per_s:8.1f} tok/s = {ratios[b.concurrency] or 0:.2f}x"
+            )
     report = GpuReport(
-        label=args.label, created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        device=device_name, torch=torch.__version__, shape=args.shape, parameters=parameters,
-        weight_bytes=weight_bytes, copy_bandwidth_gb_s=bandwidth / 1e9, decode=decode, runs=runs, ratios=ratios,
+        label=args.label,
+        created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        device=device_name,
+        torch=torch.__version__,
+        shape=args.shape,
+        parameters=parameters,
+        weight_bytes=weight_bytes,
+        copy_bandwidth_gb_s=bandwidth / 1e9,
+        decode=decode,
+        runs=runs,
+        ratios=ratios,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"results-{args.label}.json"

@@ -163,8 +163,14 @@ async def one_request(client: httpx.AsyncClient, spec: LoadSpec) -> RequestSampl
     end = time.perf_counter()
     if first is None:
         return RequestSample(ok=False, latency_s=end - started, error="empty stream")
-    return RequestSample(ok=True, latency_s=end - started, ttft_s=first - started, chunk_gaps_s=gaps, chunks=chunks,
-                         text=b"".join(parts).decode("utf-8", errors="replace"))
+    return RequestSample(
+        ok=True,
+        latency_s=end - started,
+        ttft_s=first - started,
+        chunk_gaps_s=gaps,
+        chunks=chunks,
+        text=b"".join(parts).decode("utf-8", errors="replace"),
+    )
 
 
 async def run_level(
@@ -195,15 +201,14 @@ def summarize(concurrency: int, samples: Sequence[RequestSample], wall_s: float,
     # token count. A request whose text differs is counted as failed rather than guessed at.
     new_tokens = check.completion_tokens
     samples = [
-        s if not s.ok or s.text == check.completion
+        s
+        if not s.ok or s.text == check.completion
         else s.model_copy(update={"ok": False, "error": "streamed text differs from the warm-up completion"})
         for s in samples
     ]
     ok = [s for s in samples if s.ok]
     output_tokens = new_tokens * len(ok)
-    tpot = [
-        (s.latency_s - s.ttft_s) / (new_tokens - 1) for s in ok if s.ttft_s is not None and new_tokens > 1
-    ]
+    tpot = [(s.latency_s - s.ttft_s) / (new_tokens - 1) for s in ok if s.ttft_s is not None and new_tokens > 1]
     return LevelResult(
         concurrency=concurrency,
         requests=len(samples),

@@ -52,8 +52,14 @@ def compute_ratios(batched: ServerRun, seed: ServerRun) -> list[Ratio]:
         if other is None:
             continue
         b, s = level.output_tokens_per_s, other.output_tokens_per_s
-        ratios.append(Ratio(concurrency=level.concurrency, batched_tokens_per_s=b, seed_tokens_per_s=s,
-                            ratio=b / s if s > 0 else None))
+        ratios.append(
+            Ratio(
+                concurrency=level.concurrency,
+                batched_tokens_per_s=b,
+                seed_tokens_per_s=s,
+                ratio=b / s if s > 0 else None,
+            )
+        )
     return ratios
 
 
@@ -100,10 +106,21 @@ def plot(report: BenchReport, path: Path) -> Path:
             p50 = [getattr(level, field).p50 for level in run.levels]
             p95 = [getattr(level, field).p95 for level in run.levels]
             name = "request latency" if field == "latency_s" else "TTFT"
-            ax_lat.plot(xs, [v * 1000 if v is not None else float("nan") for v in p50], style, marker="o",
-                        label=f"{run.name} {name} p50")
-            ax_lat.plot(xs, [v * 1000 if v is not None else float("nan") for v in p95], style, marker="x",
-                        alpha=0.5, label=f"{run.name} {name} p95")
+            ax_lat.plot(
+                xs,
+                [v * 1000 if v is not None else float("nan") for v in p50],
+                style,
+                marker="o",
+                label=f"{run.name} {name} p50",
+            )
+            ax_lat.plot(
+                xs,
+                [v * 1000 if v is not None else float("nan") for v in p95],
+                style,
+                marker="x",
+                alpha=0.5,
+                label=f"{run.name} {name} p95",
+            )
     for ax in (ax_tps, ax_lat):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

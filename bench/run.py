@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import os
 import platform
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from tqdm import tqdm
 
 from bench.loadgen import (
@@ -48,8 +46,11 @@ BASETEN_PREDICT_PATH = "/predict"
 # name, description, extra environment for the server
 LOCAL_SERVERS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("batched", "this server, continuous batching on", {"STARCODER_CONTINUOUS_BATCHING": "1"}),
-    ("seed", "STARCODER_CONTINUOUS_BATCHING=0: one request at a time through plain generate()",
-     {"STARCODER_CONTINUOUS_BATCHING": "0"}),
+    (
+        "seed",
+        "STARCODER_CONTINUOUS_BATCHING=0: one request at a time through plain generate()",
+        {"STARCODER_CONTINUOUS_BATCHING": "0"},
+    ),
 )
 
 
@@ -71,32 +72,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_argument_group("target")
     target.add_argument("--base-url", help="drive this deployment instead of starting local servers")
-    target.add_argument("--api-key", default=os.environ.get("BASETEN_API_KEY"),
-                        help="sent as 'Authorization: Api-Key KEY' (default: $BASETEN_API_KEY)")
-    target.add_argument("--predict-path", help=f"default {LOCAL_PREDICT_PATH} locally, {BASETEN_PREDICT_PATH} "
-                        "with --base-url")
+    target.add_argument(
+        "--api-key",
+        default=os.environ.get("BASETEN_API_KEY"),
+        help="sent as 'Authorization: Api-Key KEY' (default: $BASETEN_API_KEY)",
+    )
+    target.add_argument(
+        "--predict-path", help=f"default {LOCAL_PREDICT_PATH} locally, {BASETEN_PREDICT_PATH} with --base-url"
+    )
     target.add_argument("--no-seed", action="store_true", help="local: skip the seed (one-at-a-time) server")
-    target.add_argument("--gpu", action="store_true", help="in-process StarCoder-15.5B-shaped bench on CUDA "
-                        "(see python -m bench.gpu --help for its own options)")
+    target.add_argument(
+        "--gpu",
+        action="store_true",
+        help="in-process StarCoder-15.5B-shaped bench on CUDA (see python -m bench.gpu --help for its own options)",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--prompt-tokens", type=int, default=32, help="prompt length P in tokens (default 32)")
     load.add_argument("--new-tokens", type=int, default=32, help="output length L per request (default 32)")
-    load.add_argument("--pin-length", action=argparse.BooleanOptionalAction, default=False,
-                      help="also send min_new_tokens = L (this server then bypasses continuous batching); off: "
-                      "greedy requests, each verified to repeat the warm-up completion and counted at its length")
+    load.add_argument(
+        "--pin-length",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also send min_new_tokens = L (this server then bypasses continuous batching); off: "
+        "greedy requests, each verified to repeat the warm-up completion and counted at its length",
+    )
     load.add_argument("--max-concurrency", type=int, default=16, help="levels 1, 2, 4, ... up to this (default 16)")
     load.add_argument("--levels", type=int, nargs="+", help="explicit concurrency levels instead")
     load.add_argument("--requests-per-client", type=int, default=3, help="requests each client sends (default 3)")
-    load.add_argument("--warmup-requests", type=int, default=4,
-                      help="unmeasured streamed requests, sent together, before the first level (default 4)")
+    load.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=4,
+        help="unmeasured streamed requests, sent together, before the first level (default 4)",
+    )
     load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
-    load.add_argument("--tokenizer", type=Path, help="tokenizer used to build the P-token prompt (default: the "
-                      "tiny model's, the server's own tokenizer locally); the server-reported count is recorded")
+    load.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer used to build the P-token prompt (default: the "
+        "tiny model's, the server's own tokenizer locally); the server-reported count is recorded",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--label", help="results-<label>.json / plot-<label>.png (default local-cpu or remote)")
     out.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
-    out.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench",
-                     help="server layouts and logs (local mode)")
+    out.add_argument(
+        "--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench", help="server layouts and logs (local mode)"
+    )
     return parser.parse_args(argv)
 
 
@@ -112,10 +133,12 @@ def machine_info() -> dict[str, str]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
         info["git"] = commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         info["git"] = "unknown"
@@ -125,37 +148,6 @@ def machine_info() -> dict[str, str]:
 def _loadavg() -> str:
     # Other work on the machine (another test run, say) competes for the CPU and skews every number.
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(base_url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise BenchError(f"the server exited with {process.returncode}; log {log_path}:\n"
-                             f"{log_path.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/v1/models/model", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"the server was not ready after {timeout_s:.0f} s; log {log_path}")
-        time.sleep(0.5)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @dataclasses.dataclass
@@ -173,9 +165,7 @@ class Target:
         return ServerRun(name=self.name, description=self.description, warmup=self.check, levels=self.levels)
 
 
-async def drive(
-    targets: list[Target], prompts: list[str], levels: list[int], warmup_requests: int
-) -> list[ServerRun]:
+async def drive(targets: list[Target], prompts: list[str], levels: list[int], warmup_requests: int) -> list[ServerRun]:
     """Warm every target up, then run each level against each target in turn.
 
     Interleaving per level (batched c=1, seed c=1, batched c=2, ...) rather than one server after
@@ -190,9 +180,12 @@ async def drive(
             target.spec = target.spec.model_copy(update={"prompt": first.spec.prompt})
         for target, client in zip(targets, clients):
             target.check = await warmup(client, target.spec)
-            print(f"[{target.name}] warm-up: prompt_tokens={target.check.prompt_tokens} "
-                  f"completion_tokens={target.check.completion_tokens} finish_reason={target.check.finish_reason} "
-                  f"({target.check.latency_s:.2f} s)", flush=True)
+            print(
+                f"[{target.name}] warm-up: prompt_tokens={target.check.prompt_tokens} "
+                f"completion_tokens={target.check.completion_tokens} finish_reason={target.check.finish_reason} "
+                f"({target.check.latency_s:.2f} s)",
+                flush=True,
+            )
             # The first requests pay one-off costs (allocator growth, thread pools, lazy imports); a
             # few streamed ones, sent together, keep those out of the first measured level.
             if warmup_requests:
@@ -207,8 +200,11 @@ async def drive(
 
                     level = await run_level(client, target.spec, concurrency, target.check, on_done=done)
                 target.levels.append(level)
-                print(f"[{target.name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
-                      f"p50 latency {level.latency_s.p50 or 0:.2f} s  failures {level.failures}", flush=True)
+                print(
+                    f"[{target.name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
+                    f"p50 latency {level.latency_s.p50 or 0:.2f} s  failures {level.failures}",
+                    flush=True,
+                )
                 if level.failures:
                     print(f"[{target.name}]   errors: {level.errors}", flush=True)
     finally:
@@ -220,36 +216,35 @@ async def drive(
 def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerRun], str]:
     from starcoder_serving.tiny_model import build_tiny_model
 
-    from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, start_server
+    from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, ServerFailed, running_server
 
     model_dir = build_tiny_model(DEFAULT_TINY_MODEL_DIR)
     prompts = prompts_for(args, args.tokenizer or model_dir)
     env = {"STARCODER_CHECKPOINT": str(model_dir), "STARCODER_DTYPE": "float32", "STARCODER_DEVICE": "cpu"}
     servers = LOCAL_SERVERS[:1] if args.no_seed else LOCAL_SERVERS
-    processes: list[subprocess.Popen[bytes]] = []
     targets: list[Target] = []
-    try:
-        # Both run at once but only one is ever under load; an idle server costs no CPU.
+    # Both run at once but only one is ever under load; an idle server costs no CPU.
+    with contextlib.ExitStack() as running:
         for name, description, extra in servers:
-            port = _free_port()
-            base_url = f"http://127.0.0.1:{port}"
             work = args.work_dir / name
             work.mkdir(parents=True, exist_ok=True)
-            log_path = work / "server.log"
-            print(f"[{name}] starting the Truss server on {base_url} (log {log_path})", flush=True)
-            with log_path.open("wb") as log:
-                process = start_server(port, layout_dir=work / "layout", extra_env={**env, **extra}, stdout=log,
-                                       stderr=subprocess.STDOUT)
-            processes.append(process)
-            wait_ready(base_url, process, log_path)
-            spec = LoadSpec(predict_url=base_url + (args.predict_path or LOCAL_PREDICT_PATH), prompt=prompts[0],
-                            max_new_tokens=args.new_tokens, requests_per_client=args.requests_per_client,
-                            timeout_s=args.timeout, pin_length=args.pin_length)
+            print(f"[{name}] starting the Truss server (log {work / 'server.log'})", flush=True)
+            try:
+                server = running.enter_context(running_server(work, {**env, **extra}, ready_timeout_s=300))
+            except ServerFailed as failure:
+                raise BenchError(str(failure)) from None
+            spec = LoadSpec(
+                predict_url=server.base_url + (args.predict_path or LOCAL_PREDICT_PATH),
+                prompt=prompts[0],
+                max_new_tokens=args.new_tokens,
+                requests_per_client=args.requests_per_client,
+                timeout_s=args.timeout,
+                pin_length=args.pin_length,
+            )
             targets.append(Target(name, description, spec))
-        return asyncio.run(drive(targets, prompts, levels, args.warmup_requests)), "http://127.0.0.1 (local Truss servers)"
-    finally:
-        for process in processes:
-            stop(process)
+        return asyncio.run(
+            drive(targets, prompts, levels, args.warmup_requests)
+        ), "http://127.0.0.1 (local Truss servers)"
 
 
 def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerRun], str]:
@@ -260,10 +255,15 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[list[Server
     base_url = args.base_url.rstrip("/")
     headers = {"Authorization": f"Api-Key {args.api_key}"} if args.api_key else {}
     prompts = prompts_for(args, args.tokenizer or build_tiny_model(DEFAULT_TINY_MODEL_DIR))
-    spec = LoadSpec(predict_url=base_url + (args.predict_path or BASETEN_PREDICT_PATH), prompt=prompts[0],
-                    max_new_tokens=args.new_tokens, requests_per_client=args.requests_per_client,
-                    timeout_s=args.timeout, headers=headers,
-                    pin_length=args.pin_length)
+    spec = LoadSpec(
+        predict_url=base_url + (args.predict_path or BASETEN_PREDICT_PATH),
+        prompt=prompts[0],
+        max_new_tokens=args.new_tokens,
+        requests_per_client=args.requests_per_client,
+        timeout_s=args.timeout,
+        headers=headers,
+        pin_length=args.pin_length,
+    )
     target = Target("remote", f"deployment at {base_url}", spec)
     return asyncio.run(drive([target], prompts, levels, args.warmup_requests)), base_url
 
@@ -300,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         label=args.label or ("remote" if remote else "local-cpu"),
         mode="remote" if remote else "local",
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        machine={**machine_info(), "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": _loadavg(),
-                 **({"note": "the load generator's machine, not the server's"} if remote else {})},
+        machine={
+            **machine_info(),
+            "loadavg_1_5_15_before": load_before,
+            "loadavg_1_5_15_after": _loadavg(),
+            **({"note": "the load generator's machine, not the server's"} if remote else {}),
+        },
         target=target,
         predict_path=args.predict_path or (BASETEN_PREDICT_PATH if remote else LOCAL_PREDICT_PATH),
         prompt_tokens_requested=args.prompt_tokens,
@@ -317,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for ratio in report.ratios:
             shown = "n/a" if ratio.ratio is None else f"{ratio.ratio:.2f}x"
-            print(f"c={ratio.concurrency:>3}: batched {ratio.batched_tokens_per_s:8.1f} tok/s / seed "
-                  f"{ratio.seed_tokens_per_s:8.1f} tok/s = {shown}")
-    print(f"\nwrote {json_path.relative_to(REPO_ROOT) if json_path.is_relative_to(REPO_ROOT) else json_path} and "
-          f"{png_path.relative_to(REPO_ROOT) if png_path.is_relative_to(REPO_ROOT) else png_path}")
+            print(
+                f"c={ratio.concurrency:>3}: batched {ratio.batched_tokens_per_s:8.1f} tok/s / seed "
+                f"{ratio.seed_tokens_per_s:8.1f} tok/s = {shown}"
+            )
+    print(
+        f"\nwrote {json_path.relative_to(REPO_ROOT) if json_path.is_relative_to(REPO_ROOT) else json_path} and "
+        f"{png_path.relative_to(REPO_ROOT) if png_path.is_relative_to(REPO_ROOT) else png_path}"
+    )
     return 0
 
 

@@ -10,10 +10,15 @@ server's own ``main.py`` from there with the environment variables the image wou
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +94,69 @@ def start_server(
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("loopback_main.py"))], cwd=app_dir, env=env, **popen_kwargs
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class RunningServer:
+    base_url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.base_url}/v1/models/model:predict"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_server(
+    workdir: Path, extra_env: dict[str, str] | None = None, ready_timeout_s: float = 180
+) -> Iterator[RunningServer]:
+    """Start the server on a free port (log in ``workdir/server.log``), wait until it is ready, stop it after."""
+    import httpx
+
+    port = free_port()
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        process = start_server(
+            port, layout_dir=workdir / "layout", extra_env=extra_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", log_path, process)
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while True:
+            if process.poll() is not None:
+                raise ServerFailed(f"the Truss server exited with {process.returncode}:\n{server.log()[-4000:]}")
+            try:
+                if httpx.get(f"{server.base_url}/v1/models/model", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailed(
+                    f"the Truss server was not ready in {ready_timeout_s:.0f} s:\n{server.log()[-4000:]}"
+                )
+            time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main() -> None:

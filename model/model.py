@@ -4,17 +4,15 @@ No `from __future__ import annotations` here: truss inspects the real `Request` 
 us the raw request.
 """
 
-
 import logging
 from pathlib import Path
 from typing import Any
-
-from starlette.requests import Request
 
 from starcoder_serving.engine import Engine
 from starcoder_serving.openai_service import OpenAIService
 from starcoder_serving.predict_service import PredictService
 from starcoder_serving.settings import ServingSettings
+from starlette.requests import Request
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +26,12 @@ class Model:
         self._openai: OpenAIService | None = None
 
     def _hf_token(self) -> str | None:
+        """The Hugging Face token, or None (a local or public checkpoint needs none)."""
         try:
-            return self._secrets["hf_access_key"] or None
-        except (KeyError, Exception):  # truss raises its own error for a secret that is not set
+            token = self._secrets["hf_access_key"]
+        except Exception:  # noqa: BLE001 - truss raises its own SecretNotFound for a declared but unset secret
             return None
+        return token.strip() or None
 
     def load(self) -> None:
         settings = ServingSettings.from_sources(self._config.get("model_metadata"))

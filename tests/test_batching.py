@@ -99,9 +99,15 @@ def test_effective_parameters_and_sampling_kwargs() -> None:
     # A checkpoint default the client never sent still decides the path.
     assert choose_path(params, request_keys={"do_sample", "temperature"}).path is Route.GENERATE
     assert batched_sampling_kwargs({"do_sample": False, "temperature": 0.3}, 1000) == {
-        "temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+    }
     assert batched_sampling_kwargs({"do_sample": True, "temperature": 0.5, "top_k": 50}, 1000) == {
-        "temperature": 0.5, "top_k": 50, "top_p": 1.0}
+        "temperature": 0.5,
+        "top_k": 50,
+        "top_p": 1.0,
+    }
     assert batched_sampling_kwargs({"do_sample": True, "top_k": 0, "top_p": 0.9}, 1000)["top_k"] == 1000
     assert batched_sampling_kwargs({"do_sample": True, "top_k": 5000}, 1000)["top_k"] == 1000
 
@@ -133,7 +139,9 @@ def test_batched_greedy_equals_solo_and_generate(engine: Engine, solo_engine: En
     for plan, completion in zip(plans[:3], reference):
         with torch.inference_mode():
             output = solo_engine.model.generate(
-                torch.tensor([plan.prompt_ids]), max_new_tokens=plan.max_new_tokens, do_sample=False,
+                torch.tensor([plan.prompt_ids]),
+                max_new_tokens=plan.max_new_tokens,
+                do_sample=False,
                 pad_token_id=solo_engine.tokenizer.eos_token_id,
             )
         ids = output[0, plan.prompt_tokens :].tolist()

@@ -44,9 +44,17 @@ def test_load_generator_against_the_server(server: RunningServer, tiny_model_dir
     # The same run as the seed: the report machinery (ratios, table, JSON, plot) end to end.
     seed = run.model_copy(update={"name": "seed"})
     report = BenchReport(
-        label="smoke", mode="local", created_at="now", machine={}, target=server.base_url,
-        predict_path="/v1/models/model:predict", prompt_tokens_requested=8, new_tokens=4, requests_per_client=2,
-        runs=[run, seed], ratios=compute_ratios(run, seed),
+        label="smoke",
+        mode="local",
+        created_at="now",
+        machine={},
+        target=server.base_url,
+        predict_path="/v1/models/model:predict",
+        prompt_tokens_requested=8,
+        new_tokens=4,
+        requests_per_client=2,
+        runs=[run, seed],
+        ratios=compute_ratios(run, seed),
     )
     assert [r.ratio for r in report.ratios] == [1.0, 1.0]
     assert markdown_table(report).count("\n") == 1 + 2 * 2

@@ -6,12 +6,12 @@ import re
 from pathlib import Path
 
 import yaml
+from starcoder_serving.settings import ServingSettings
 from truss.base.truss_config import Accelerator, TrussConfig
 from truss.contexts.image_builder.serving_image_builder import ServingImageBuilderContext
 from truss.contexts.local_loader.docker_build_emulator import DockerBuildEmulator
 
 from devtools.truss_local import REPO_ROOT, local_truss_copy
-from starcoder_serving.settings import ServingSettings
 
 CONFIG_PATH = REPO_ROOT / "config.yaml"
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from starcoder_serving.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.jobs import FinishReason
@@ -15,7 +14,9 @@ from starcoder_serving.jobs import FinishReason
 PROMPTS = ["def compute_fib(n):", "import os\n", "hello", "class A:", "x = 1", "SELECT", "fn main", "// comment"]
 
 
-def run(engine: Engine, prompt: str, stop: tuple[str, ...] = (), seed: int | None = None, **parameters: Any) -> Completion:
+def run(
+    engine: Engine, prompt: str, stop: tuple[str, ...] = (), seed: int | None = None, **parameters: Any
+) -> Completion:
     plan = engine.plan(engine.tokenize(prompt), parameters, stop=stop, seed=seed)
     return asyncio.run(engine.complete(plan))
 

@@ -40,7 +40,11 @@ def test_completion_shape_usage_and_streaming_agree(client: OpenAI) -> None:
 
     chunks = list(
         client.completions.create(
-            model="starcoder", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+            model="starcoder",
+            prompt=PROMPT,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -72,7 +76,11 @@ def test_completion_logprobs(client: OpenAI) -> None:
     assert logprobs.text_offset == sorted(logprobs.text_offset or [])
     assert choice.text == greedy_text(client, max_tokens=8).choices[0].text  # logprobs do not change the text
 
-    streamed = list(client.completions.create(model="starcoder", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, stream=True))
+    streamed = list(
+        client.completions.create(
+            model="starcoder", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, stream=True
+        )
+    )
     tokens = [t for c in streamed for t in (c.choices[0].logprobs.tokens or [] if c.choices[0].logprobs else [])]
     assert tokens == logprobs.tokens
 
@@ -98,7 +106,9 @@ def test_stop_sequence_cuts_the_greedy_text(client: OpenAI) -> None:
 
 def test_n_choices_and_seeds(client: OpenAI) -> None:
     def sample(seed: int, n: int = 1) -> list[str]:
-        done = client.completions.create(model="starcoder", prompt=PROMPT, max_tokens=12, temperature=0.9, seed=seed, n=n)
+        done = client.completions.create(
+            model="starcoder", prompt=PROMPT, max_tokens=12, temperature=0.9, seed=seed, n=n
+        )
         assert [c.index for c in done.choices] == list(range(n))
         return [c.text for c in done.choices]
 
@@ -108,7 +118,9 @@ def test_n_choices_and_seeds(client: OpenAI) -> None:
     assert many[0] == sample(7)[0] and many[1] == sample(8)[0]  # choice i is seeded with seed + i
     assert len(set(many)) > 1
 
-    batch = client.completions.create(model="starcoder", prompt=[PROMPT, "import os\n"], max_tokens=6, temperature=0, n=2)
+    batch = client.completions.create(
+        model="starcoder", prompt=[PROMPT, "import os\n"], max_tokens=6, temperature=0, n=2
+    )
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert batch.choices[0].text == batch.choices[1].text != batch.choices[2].text
 
@@ -123,7 +135,11 @@ def test_chat_completion_streamed_and_not(client: OpenAI) -> None:
 
     chunks = list(
         client.chat.completions.create(
-            model="starcoder", messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
+            model="starcoder",
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -152,7 +168,9 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize(("case", "kwargs", "expected"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_completion_requests_raise_bad_request(client: OpenAI, case: str, kwargs: dict[str, Any], expected: str) -> None:
+def test_bad_completion_requests_raise_bad_request(
+    client: OpenAI, case: str, kwargs: dict[str, Any], expected: str
+) -> None:
     for stream in (False, True):  # refused before any stream starts
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="starcoder", prompt=PROMPT, stream=stream, **kwargs)
@@ -164,7 +182,8 @@ def test_bad_completion_requests_raise_bad_request(client: OpenAI, case: str, kw
 def test_bad_chat_requests_raise_bad_request(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="tool"):
         client.chat.completions.create(
-            model="starcoder", messages=MESSAGES,
+            model="starcoder",
+            messages=MESSAGES,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         )
     with pytest.raises(openai.BadRequestError, match="must end with a user"):

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from starcoder_serving.engine import Engine
 from starcoder_serving.errors import InvalidRequest
 from starcoder_serving.openai_protocol import (
@@ -121,7 +120,11 @@ REFUSED_CHATS: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": []}, "messages", "`messages`"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", ""),
     ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name", "Unknown field"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content", "list of {"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content",
+        "list of {",
+    ),
     ({"messages": [*CHAT, {"role": "assistant", "content": "x"}]}, "messages", "must end with a user"),
     ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools", "tool"),
     ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format", "structured output"),

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from starcoder_serving.engine import Engine
+
 from tests.conftest import SECRET_SENTINEL, RunningServer
 
 
@@ -44,7 +44,9 @@ def test_generation_parameters_reach_the_model(server: RunningServer, engine: En
     body = {"prompt": "import os\n", "max_new_tokens": 9, "min_new_tokens": 9, "num_beams": 2}
     data = post(server, body).json()["data"]
     assert data["completion_tokens"] == 9 and data["finish_reason"] == "length"
-    assert data["completion"] == expected_completion(engine, "import os\n", **{k: v for k, v in body.items() if k != "prompt"})
+    assert data["completion"] == expected_completion(
+        engine, "import os\n", **{k: v for k, v in body.items() if k != "prompt"}
+    )
 
 
 BAD_REQUESTS: list[tuple[str, Any, str]] = [
@@ -62,7 +64,11 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("logits processor", {"prompt": "x", "logits_processor": "import os"}, "`logits_processor` is not accepted"),
     ("over the cap", {"prompt": "x", "max_new_tokens": 100000}, "cap of 2048"),
     ("context window", {"prompt": "x = 1\n" * 3000}, "8192-token context window"),
-    ("prompt plus tokens", {"prompt": "x = 1\n" * 1700, "max_new_tokens": 2048}, "context window. Send max_new_tokens <="),
+    (
+        "prompt plus tokens",
+        {"prompt": "x = 1\n" * 1700, "max_new_tokens": 2048},
+        "context window. Send max_new_tokens <=",
+    ),
     ("invalid combination", {"prompt": "x", "temperature": 0.3}, "do_sample"),
     ("two input forms", {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}, "exactly one input form"),
     ("stream with bad param", {"prompt": "x", "stream": True, "max_new_tokens": -1}, "`max_new_tokens`"),
@@ -119,9 +125,28 @@ json_values = st.recursive(
     max_leaves=6,
 )
 fuzzed_fields = st.sampled_from(
-    ["prompt", "prefix", "suffix", "messages", "instruction", "input", "stream", "stop", "seed", "temperature",
-     "top_p", "top_k", "num_beams", "do_sample", "bad_words_ids", "suppress_tokens", "num_return_sequences",
-     "min_length", "streamer", "unknown"]
+    [
+        "prompt",
+        "prefix",
+        "suffix",
+        "messages",
+        "instruction",
+        "input",
+        "stream",
+        "stop",
+        "seed",
+        "temperature",
+        "top_p",
+        "top_k",
+        "num_beams",
+        "do_sample",
+        "bad_words_ids",
+        "suppress_tokens",
+        "num_return_sequences",
+        "min_length",
+        "streamer",
+        "unknown",
+    ]
 )
 
 

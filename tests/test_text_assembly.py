@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
-
 from starcoder_serving.detokenizer import IncrementalDetokenizer
 from starcoder_serving.stop_sequences import StopSequenceMatcher
+from transformers import AutoTokenizer
 
 
 def test_stop_sequence_is_cut_and_never_emitted() -> None:
@@ -43,7 +43,7 @@ def test_any_split_of_the_text_gives_the_same_result(text: str, stops: list[str]
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     matcher = StopSequenceMatcher(stops)
     out, stopped = [], False
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         scan = matcher.feed(text[start:end])
         out.append(scan.emit)
         if scan.stopped:

@@ -7,7 +7,6 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from starcoder_serving.errors import InvalidRequest
 from starcoder_serving.generation_params import PYTHON_ONLY_PARAMETERS
 from starcoder_serving.predict_service import PredictService
@@ -76,8 +75,26 @@ json_values = st.recursive(
     max_leaves=8,
 )
 field_names = st.sampled_from(
-    ["prompt", "prefix", "suffix", "messages", "instruction", "input", "stream", "stop", "seed", "max_new_tokens",
-     "temperature", "top_p", "top_k", "num_beams", "do_sample", "bad_words_ids", "streamer", "junk"]
+    [
+        "prompt",
+        "prefix",
+        "suffix",
+        "messages",
+        "instruction",
+        "input",
+        "stream",
+        "stop",
+        "seed",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "num_beams",
+        "do_sample",
+        "bad_words_ids",
+        "streamer",
+        "junk",
+    ]
 )
 
 

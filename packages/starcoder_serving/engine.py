@@ -98,7 +98,9 @@ class Engine:
         self.settings = settings
         self.model_name = settings.checkpoint
         self.vocab_size = len(tokenizer)
-        self.context_window = min(settings.context_window, getattr(model.config, "n_positions", settings.context_window))
+        self.context_window = min(
+            settings.context_window, getattr(model.config, "n_positions", settings.context_window)
+        )
         eos = model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         eos_ids.add(tokenizer.eos_token_id)
@@ -277,9 +279,7 @@ class Engine:
 
     def _admit(self, plan: GenerationPlan) -> Job:
         if self._admitted >= self.settings.max_queued_requests:
-            raise Overloaded(
-                f"The server is at capacity ({self._admitted} requests in progress); retry in a moment."
-            )
+            raise Overloaded(f"The server is at capacity ({self._admitted} requests in progress); retry in a moment.")
         route = self.route(plan)
         self._admitted += 1
         self.routed[route.path] += 1

@@ -29,7 +29,9 @@ class _CancelCriterion(StoppingCriteria):
         self._job = job
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self._job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class ModelAccess(Protocol):

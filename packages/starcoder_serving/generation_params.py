@@ -80,9 +80,9 @@ class GenerationParameters(pydantic.BaseModel):
     bad_words_ids: Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(max_length=1024)] | None = None
     suppress_tokens: Annotated[list[TokenId], Field(max_length=4096)] | None = None
     begin_suppress_tokens: Annotated[list[TokenId], Field(max_length=4096)] | None = None
-    exponential_decay_length_penalty: tuple[Annotated[StrictInt, Field(ge=0)], Annotated[float, Field(gt=0.0)]] | None = (
-        None
-    )
+    exponential_decay_length_penalty: (
+        tuple[Annotated[StrictInt, Field(ge=0)], Annotated[float, Field(gt=0.0)]] | None
+    ) = None
     renormalize_logits: StrictBool | None = None
     remove_invalid_values: StrictBool | None = None
 

@@ -31,7 +31,9 @@ async def read_json_object(request: HasBody, example: str) -> dict[str, Any]:
     try:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON ({exc}). Send a JSON object like {example}.") from None
+        raise InvalidRequest(
+            f"The request body is not valid JSON ({exc}). Send a JSON object like {example}."
+        ) from None
     if not isinstance(parsed, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object like {example}; got a JSON {type(parsed).__name__}."

@@ -102,7 +102,9 @@ class SamplingRequest(_Strict):
                     param=name,
                 )
         if self.logit_bias:
-            raise InvalidRequest("`logit_bias` is not supported by this server; send {} or leave it out.", param="logit_bias")
+            raise InvalidRequest(
+                "`logit_bias` is not supported by this server; send {} or leave it out.", param="logit_bias"
+            )
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest('`stream_options` is only allowed with "stream": true.', param="stream_options")
         if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -137,9 +139,12 @@ class SamplingRequest(_Strict):
 class CompletionRequest(SamplingRequest):
     """The body of ``POST /v1/completions``."""
 
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)
-    ]
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     suffix: StrictStr | None = None
     echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
@@ -253,7 +258,9 @@ class ChatCompletionRequest(SamplingRequest):
                 param="max_completion_tokens",
             )
         if self.min_tokens is not None and (limit := self.new_token_limit()) is not None and self.min_tokens > limit:
-            raise InvalidRequest(f"`min_tokens` ({self.min_tokens}) exceeds the token limit ({limit}).", param="min_tokens")
+            raise InvalidRequest(
+                f"`min_tokens` ({self.min_tokens}) exceeds the token limit ({limit}).", param="min_tokens"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest('`top_logprobs` needs "logprobs": true.', param="top_logprobs")
         if self.messages[-1].role == "assistant":
@@ -317,7 +324,9 @@ def _parse(model: type[pydantic.BaseModel], body: dict[str, Any], route: str) ->
     known = frozenset(model.model_fields)
     unknown = sorted(set(body) - known)
     if unknown:
-        names = ", ".join(f"`{name}`" + (f" (use {FIELD_HINTS[name]})" if name in FIELD_HINTS else "") for name in unknown)
+        names = ", ".join(
+            f"`{name}`" + (f" (use {FIELD_HINTS[name]})" if name in FIELD_HINTS else "") for name in unknown
+        )
         raise InvalidRequest(
             f"Unknown parameter{'s' if len(unknown) > 1 else ''} {names} for {route}. Remove "
             f"{'them' if len(unknown) > 1 else 'it'}; accepted parameters are: {', '.join(sorted(known))}.",

@@ -29,8 +29,6 @@ from starcoder_serving.http_utils import read_json_object, until_disconnected
 from starcoder_serving.jobs import GenerationPlan, TokenLogprob
 from starcoder_serving.openai_protocol import (
     FINISH_REASONS,
-    ChatCompletionRequest,
-    CompletionRequest,
     SamplingRequest,
     error_body,
     parse_chat_request,
@@ -47,9 +45,7 @@ MIN_LOGPROB = -9999.0
 
 
 def error_response(error: ServingError) -> JSONResponse:
-    return JSONResponse(
-        status_code=error.status_code, content=error_body(error.message, error.error_type, error.param)
-    )
+    return JSONResponse(status_code=error.status_code, content=error_body(error.message, error.error_type, error.param))
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -65,7 +61,9 @@ SSE_DONE = b"data: [DONE]\n\n"
 @functools.cache
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE token characters back to bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for byte in range(256):
@@ -100,7 +98,7 @@ class TokenTexts:
 
 
 def _clamp(logprob: float) -> float:
-    return logprob if logprob > MIN_LOGPROB else MIN_LOGPROB
+    return max(MIN_LOGPROB, logprob)
 
 
 class LegacyLogprobs:
@@ -305,10 +303,14 @@ class OpenAIService:
                 )
             if job.chat:
                 message = {"role": "assistant", "content": completion.text}
-                choices.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason})
+                choices.append(
+                    {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+                )
             else:
                 text = choice.echo + completion.text
-                choices.append({"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
+                choices.append(
+                    {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                )
         usage = job.usage(sum(c.completion_tokens for c in completions))
         return {**job.envelope(streamed=False), "choices": choices, "usage": usage}
 

@@ -82,7 +82,7 @@ class PredictService:
             raise InvalidRequest('`num_return_sequences` > 1 cannot be streamed; send "stream": false.')
         if not parameters.get("do_sample") or parameters.get("num_beams", 1) > 1:
             raise InvalidRequest(
-                "`num_return_sequences` > 1 needs sampling: send \"do_sample\": true (and no num_beams), "
+                '`num_return_sequences` > 1 needs sampling: send "do_sample": true (and no num_beams), '
                 "otherwise every sequence would be the same.",
                 param="num_return_sequences",
             )

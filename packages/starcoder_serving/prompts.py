@@ -38,7 +38,7 @@ class InstructionTemplate:
     stop: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, path: Path) -> "InstructionTemplate":
+    def load(cls, path: Path) -> InstructionTemplate:
         raw = json.loads(path.read_text(encoding="utf-8"))
         template = cls(raw["with_input"], raw["without_input"], tuple(raw.get("stop", ())))
         for text in (template.with_input, template.without_input):

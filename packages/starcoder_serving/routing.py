@@ -58,8 +58,17 @@ class Route:
 
 # Parameters the batched path serves (with any value, subject to the checks in `choose_path`).
 _BATCHABLE = frozenset(
-    {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams", "num_return_sequences",
-     "early_stopping", "length_penalty"}
+    {
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "num_beams",
+        "num_return_sequences",
+        "early_stopping",
+        "length_penalty",
+    }
 )
 
 # Parameter -> values at which it does nothing. Any other value sends the request to `generate`.

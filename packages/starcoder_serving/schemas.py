@@ -48,7 +48,7 @@ class PredictRequest(GenerationParameters):
     seed: Seed | None = None
 
     @pydantic.model_validator(mode="after")
-    def _exactly_one_input_form(self) -> "PredictRequest":
+    def _exactly_one_input_form(self) -> PredictRequest:
         sent = [form for form, fields in INPUT_FORMS.items() if any(getattr(self, f) is not None for f in fields)]
         if len(sent) != 1:
             choices = '"prompt", "prefix"/"suffix", "messages" or "instruction"/"input"'

@@ -71,7 +71,7 @@ class ServingSettings(pydantic.BaseModel):
     chat_template_file: str = "chat_template.jinja"
 
     @pydantic.model_validator(mode="after")
-    def _default_fits_cap(self) -> "ServingSettings":
+    def _default_fits_cap(self) -> ServingSettings:
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
@@ -82,7 +82,7 @@ class ServingSettings(pydantic.BaseModel):
     @classmethod
     def from_sources(
         cls, model_metadata: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
-    ) -> "ServingSettings":
+    ) -> ServingSettings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = dict(model_metadata or {})
         for env_name, field in ENV_OVERRIDES.items():
