@@ -31,7 +31,12 @@ def test_requests_past_capacity_get_503_and_the_server_recovers(small_server: Ru
             holders = [asyncio.create_task(client.post(small_server.predict_url, json=long)) for _ in range(CAPACITY)]
             await asyncio.sleep(1.0)  # both admitted and generating
             extra = await asyncio.gather(
-                *(client.post(small_server.predict_url, json={"prompt": "x", "max_new_tokens": 2}) for _ in range(3))
+                *(client.post(small_server.predict_url, json={"prompt": "x", "max_new_tokens": 2}) for _ in range(2)),
+                client.post(small_server.predict_url, json={"prompt": "x", "max_new_tokens": 2, "stream": True}),
+                client.post(
+                    f"{small_server.base_url}/v1/completions",
+                    json={"model": "m", "prompt": "x", "max_tokens": 2, "stream": True},
+                ),
             )
             for task in holders:  # hang up: their generations are cancelled, freeing the places
                 task.cancel()
@@ -39,9 +44,12 @@ def test_requests_past_capacity_get_503_and_the_server_recovers(small_server: Ru
             return list(extra)
 
     refused = asyncio.run(scenario())
-    assert [r.status_code for r in refused] == [503] * 3
-    body = refused[0].json()
-    assert body["status"] == "failed" and "at capacity (2 requests in progress)" in body["message"]
+    # Streams too are refused with a status code, not with a 200 and an empty stream.
+    assert [r.status_code for r in refused] == [503] * 4
+    for response in refused[:3]:
+        body = response.json()
+        assert body["status"] == "failed" and "at capacity (2 requests in progress)" in body["message"]
+    assert "at capacity" in refused[3].json()["error"]["message"]  # OpenAI's error object
     # Both places are freed once the cancelled generations stop; then requests are served again.
     for _ in range(100):
         response = httpx.post(small_server.predict_url, json={"prompt": "hello", "max_new_tokens": 3}, timeout=60)

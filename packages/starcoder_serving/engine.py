@@ -277,9 +277,13 @@ class Engine:
 
     # ---- running ----
 
-    def _admit(self, plan: GenerationPlan) -> Job:
-        if self._admitted >= self.settings.max_queued_requests:
+    def check_capacity(self, requests: int = 1) -> None:
+        """Raise ``Overloaded`` (503) unless ``requests`` more can be admitted now."""
+        if self._admitted + requests > self.settings.max_queued_requests:
             raise Overloaded(f"The server is at capacity ({self._admitted} requests in progress); retry in a moment.")
+
+    def _admit(self, plan: GenerationPlan) -> Job:
+        self.check_capacity()
         route = self.route(plan)
         self._admitted += 1
         self.routed[route.path] += 1

@@ -147,7 +147,9 @@ class ChoicePlan:
 
 
 @dataclasses.dataclass
-class Job:
+class PlannedRequest:
+    """A validated OpenAI request: its choices as engine plans, and how to shape the answer."""
+
     chat: bool
     model: str
     choices: list[ChoicePlan]
@@ -188,11 +190,15 @@ class OpenAIService:
     async def chat_completions(self, request: Request) -> Response:
         return await self._handle(request, CHAT_EXAMPLE, self.plan_chat)
 
-    async def _handle(self, request: Request, example: str, planner: Callable[[dict[str, Any]], Job]) -> Response:
+    async def _handle(
+        self, request: Request, example: str, planner: Callable[[dict[str, Any]], PlannedRequest]
+    ) -> Response:
         try:
             body = await read_json_object(request, example)
             job = planner(body)
             if job.stream:
+                # Refuse now, with a status code, what would otherwise only end the stream early.
+                self.engine.check_capacity(len(job.choices))
                 # Validation is over: from here on errors can only end the stream.
                 return StreamingResponse(
                     self._events(request, job),
@@ -208,7 +214,7 @@ class OpenAIService:
 
     # ---- planning: everything refusable is refused here ----
 
-    def plan_completion(self, body: dict[str, Any]) -> Job:
+    def plan_completion(self, body: dict[str, Any]) -> PlannedRequest:
         parsed = parse_completion_request(body)
         prompts = parsed.prompts()
         vocab = self.engine.vocab_size
@@ -233,7 +239,7 @@ class OpenAIService:
             prompt_tokens += len(prompt_ids)
         return self._job(parsed, chat=False, choices=choices, prompt_tokens=prompt_tokens)
 
-    def plan_chat(self, body: dict[str, Any]) -> Job:
+    def plan_chat(self, body: dict[str, Any]) -> PlannedRequest:
         parsed = parse_chat_request(body)
         rendered = self.engine.chat.render(parsed.template_messages())
         prompt_ids = self.engine.tokenize(rendered.text)
@@ -261,8 +267,10 @@ class OpenAIService:
         except InvalidRequest as error:
             raise _openai_names(error) from None
 
-    def _job(self, parsed: SamplingRequest, *, chat: bool, choices: list[ChoicePlan], prompt_tokens: int) -> Job:
-        return Job(
+    def _job(
+        self, parsed: SamplingRequest, *, chat: bool, choices: list[ChoicePlan], prompt_tokens: int
+    ) -> PlannedRequest:
+        return PlannedRequest(
             chat=chat,
             model=self.engine.model_name,
             choices=choices,
@@ -290,7 +298,7 @@ class OpenAIService:
                 return completions
         return None
 
-    def _response(self, job: Job, completions: list[Completion]) -> dict[str, Any]:
+    def _response(self, job: PlannedRequest, completions: list[Completion]) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
         for choice, completion in zip(job.choices, completions):
             finish_reason = FINISH_REASONS[completion.finish_reason.value]
@@ -314,7 +322,7 @@ class OpenAIService:
         usage = job.usage(sum(c.completion_tokens for c in completions))
         return {**job.envelope(streamed=False), "choices": choices, "usage": usage}
 
-    async def _events(self, request: Request, job: Job) -> AsyncIterator[bytes]:
+    async def _events(self, request: Request, job: PlannedRequest) -> AsyncIterator[bytes]:
         """Server-sent events: each choice in turn (chunks carry its index), then usage, then [DONE]."""
         completion_tokens = 0
         try:
@@ -353,7 +361,12 @@ class OpenAIService:
 
     @staticmethod
     def _chunk(
-        job: Job, index: int, content: Any, *, logprobs: dict[str, Any] | None = None, finish_reason: str | None = None
+        job: PlannedRequest,
+        index: int,
+        content: Any,
+        *,
+        logprobs: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
     ) -> bytes:
         field = "delta" if job.chat else "text"
         payload: dict[str, Any] = {
