@@ -58,6 +58,8 @@ class EngineLevel(pydantic.BaseModel):
 class EngineRun(pydantic.BaseModel):
     name: str  # "batched" or "seed"
     levels: list[EngineLevel]
+    # Requests per serving path (routing.py): proves the "batched" run really was batched.
+    routed: dict[str, int]
 
 
 class GpuReport(pydantic.BaseModel):
@@ -109,8 +111,10 @@ def build_model(shape: str, device: str, dtype_name: str, printable_ids: int) ->
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
-        # Zero logits for ids the tokenizer cannot decode; random logits of decodable ids beat 0.
+        # Zero logits for ids the tokenizer cannot decode and for <|endoftext|> (id 0), so that greedy
+        # decoding never ends early: the max of ~700 random logits of decodable ids is above 0.
         model.lm_head.weight[printable_ids:] = 0
+        model.lm_head.weight[0] = 0
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return model.eval()
 
@@ -204,7 +208,9 @@ async def engine_level(
     async def client() -> None:
         nonlocal tokens
         for _ in range(requests_per_client):
-            plan = engine.plan(prompt_ids, {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
+            # No min_new_tokens: it would send every request to the one-at-a-time path (routing.py).
+            # build_model makes <|endoftext|> unreachable instead, so each request runs all L tokens.
+            plan = engine.plan(prompt_ids, {"max_new_tokens": new_tokens})
             done: list[Any] = []
             started = time.perf_counter()
             first: float | None = None
@@ -259,7 +265,9 @@ def run_engine(
         asyncio.run(all_levels())
     finally:
         engine.shutdown()
-    return EngineRun(name=name, levels=results)
+    routed = {path.value: count for path, count in engine.routed.items()}
+    print(f"[{name}] requests per path: {routed}", flush=True)
+    return EngineRun(name=name, levels=results, routed=routed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
