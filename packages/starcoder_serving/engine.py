@@ -96,7 +96,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        self.model_name = settings.checkpoint
+        # What responses call the model: a hub id as is, a local checkpoint by its folder name (not its path).
+        self.model_name = Path(settings.checkpoint).name if Path(settings.checkpoint).is_dir() else settings.checkpoint
         self.vocab_size = len(tokenizer)
         self.context_window = min(
             settings.context_window, getattr(model.config, "n_positions", settings.context_window)
