@@ -29,6 +29,7 @@ def greedy_text(client: OpenAI, max_tokens: int = 16, **kwargs: Any) -> Any:
 def test_completion_shape_usage_and_streaming_agree(client: OpenAI) -> None:
     done = greedy_text(client)
     assert done.object == "text_completion" and done.id.startswith("cmpl-")
+    assert done.model == "tiny-starcoder"  # the served checkpoint, by name: no server filesystem path
     [choice] = done.choices
     assert choice.index == 0 and choice.text and choice.logprobs is None
     assert choice.finish_reason in {"stop", "length"}
