@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 from starcoder_serving.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.jobs import FinishReason
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import DATA_DIR, tiny_settings
 
 PROMPTS = ["def compute_fib(n):", "import os\n", "hello", "class A:", "x = 1", "SELECT", "fn main", "// comment"]
 
@@ -166,3 +171,38 @@ def test_closing_a_stream_cancels_the_generation(engine: Engine) -> None:
     assert engine.requests_in_progress == 0
     # The worker is free again: a short request completes (it would queue behind 2000 tokens otherwise).
     assert run(engine, "hello", max_new_tokens=3).completion_tokens == 3
+
+
+@pytest.fixture(scope="module")
+def starcoder2_like_engine(tiny_model_dir: Path) -> Iterator[Engine]:
+    """The tiny model with StarCoder2's <file_sep> added, and made likely to be generated."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<file_sep>"]}, replace_extra_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    file_sep = tokenizer.convert_tokens_to_ids("<file_sep>")
+    with torch.no_grad():
+        # <file_sep>'s logit: 1.5x that of token 68, which greedy picks now and then: so it wins there.
+        model.lm_head.weight[file_sep] = 1.5 * model.lm_head.weight[68]
+    engine = Engine(model, tokenizer, tiny_settings(tiny_model_dir), DATA_DIR)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("path_kwargs", [{}, {"no_repeat_ngram_size": 8}], ids=["batched", "generate"])
+def test_generation_stops_at_starcoder2_file_separator(
+    starcoder2_like_engine: Engine, path_kwargs: dict[str, Any]
+) -> None:
+    engine = starcoder2_like_engine
+    file_sep = engine.tokenizer.convert_tokens_to_ids("<file_sep>")
+    assert file_sep in engine.eos_token_ids
+    stopped = []
+    for prompt in PROMPTS:
+        reference = direct_generate(engine, prompt, max_new_tokens=60, do_sample=False, eos_token_id=[])
+        if file_sep in reference:
+            result = run(engine, prompt, max_new_tokens=60, **path_kwargs)
+            assert result.finish_reason == FinishReason.EOS
+            assert result.completion_tokens <= reference.index(file_sep) + 1
+            assert "<file_sep>" not in result.text
+            stopped.append(prompt)
+    assert stopped, "no prompt generated <file_sep>: the fixture no longer makes it likely"

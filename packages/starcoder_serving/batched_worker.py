@@ -84,8 +84,7 @@ class BatchedWorker:
         self,
         model: Any,
         *,
-        stop_token_ids: list[int],
-        finish_eos_ids: set[int],
+        eos_token_ids: set[int],
         max_batch_sequences: int,
         max_batch_tokens: int | None,
         kv_num_blocks: int | None,
@@ -93,12 +92,12 @@ class BatchedWorker:
         kv_memory_fraction: float | None,
         prefix_sharing: bool,
     ) -> None:
-        self._finish_eos_ids = finish_eos_ids
-        self._stop_token_ids = list(stop_token_ids)
+        # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
+        self._eos_token_ids = sorted(eos_token_ids)
         # Placeholders (!= 1.0 / > 0) so the temperature, top-k and top-p warpers exist; every request
         # sends its own three values (routing.batched_sampling_kwargs), so these never apply.
         generation_config = GenerationConfig(
-            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, eos_token_id=self._stop_token_ids
+            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, eos_token_id=self._eos_token_ids
         )
         cb_config = ContinuousBatchingConfig(
             page_size=kv_page_size,
@@ -145,7 +144,7 @@ class BatchedWorker:
             request_id=request_id,
             max_new_tokens=job.plan.max_new_tokens,
             streaming=True,
-            eos_token_id=self._stop_token_ids,
+            eos_token_id=self._eos_token_ids,
             **sampling,
         )
         if added is None:
@@ -205,7 +204,7 @@ class BatchedWorker:
             emissions.append((job, TokenEvent(int(token_id))))
         active.forwarded = max(active.forwarded, len(tokens))
         if output.is_finished():
-            reason = FinishReason.EOS if tokens and tokens[-1] in self._finish_eos_ids else FinishReason.LENGTH
+            reason = FinishReason.EOS if tokens and tokens[-1] in self._eos_token_ids else FinishReason.LENGTH
             self._finish(output.request_id, DoneEvent(reason), emissions)
 
     def _cancel(self, request_id: str) -> None:

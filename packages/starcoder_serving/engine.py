@@ -134,9 +134,6 @@ class Engine:
         """
         from starcoder_serving.batched_worker import BatchedWorker
 
-        # Stop where generate() stops: the checkpoint's generation_config eos (finish reasons use the wider set).
-        eos = model.generation_config.eos_token_id
-        stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
         num_blocks, max_batch_tokens = settings.kv_num_blocks, settings.max_batch_tokens
         if model.device.type == "cpu":
             # transformers sizes an unset cache from free *host* memory on CPU (gigabytes); a CPU
@@ -145,8 +142,7 @@ class Engine:
             max_batch_tokens = max_batch_tokens or 512
         return BatchedWorker(
             model,
-            stop_token_ids=stop_ids or [self.tokenizer.eos_token_id],
-            finish_eos_ids=set(self.eos_token_ids),
+            eos_token_ids=set(self.eos_token_ids),
             max_batch_sequences=settings.max_batch_sequences,
             max_batch_tokens=max_batch_tokens,
             kv_num_blocks=num_blocks,

@@ -151,6 +151,8 @@ class GenerateWorker:
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     max_new_tokens=plan.max_new_tokens,
+                    # Every end token the engine knows (StarCoder2's <file_sep> too), not only the checkpoint's.
+                    eos_token_id=sorted(self._eos_token_ids),
                     pad_token_id=self._pad_token_id,
                     # Beam search cannot stream: its tokens are forwarded once the best beam is known.
                     streamer=None if beam_search else forwarder,
