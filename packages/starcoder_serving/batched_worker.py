@@ -19,10 +19,10 @@ Sharing the model with ``GenerateWorker`` (see ``engine.py``):
   so a seeded ``generate()`` samples exactly as it would alone.
 
 On the GPU the batch runs bf16 with SDPA or flash attention. CUDA graphs (``use_cuda_graph``) and
-``torch.compile`` (``default_compile_level``) would remove the per-step Python/launch overhead that
-dominates decode at small batch sizes (typically 1.5-3x tokens/s for a 15B model at batch <= 32);
-they are left off here because they could not be measured in this environment (no GPU) and they
-add minutes of warm-up to a replica's cold start.
+``torch.compile`` (``default_compile_level``) remove per-step Python and kernel-launch overhead,
+which matters most at small batch sizes; they are off by default (settings ``cuda_graphs`` and
+``compile_level``) until a GPU run shows what they buy for StarCoder-15.5B, since both add warm-up
+time to a replica's cold start.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class BatchedWorker:
         kv_page_size: int,
         kv_memory_fraction: float | None,
         prefix_sharing: bool,
+        cuda_graphs: bool = False,
+        compile_level: int = 0,
     ) -> None:
         # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
         self._eos_token_ids = sorted(eos_token_ids)
@@ -109,7 +111,8 @@ class BatchedWorker:
             per_request_processors=True,
             drop_unsupported_processors=False,
             auto_switch_to_flash=False,
-            use_cuda_graph=False,
+            use_cuda_graph=cuda_graphs,
+            default_compile_level=compile_level,
         )
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config

@@ -149,6 +149,8 @@ class Engine:
             kv_page_size=settings.kv_page_size,
             kv_memory_fraction=settings.kv_memory_fraction,
             prefix_sharing=settings.prefix_sharing,
+            cuda_graphs=settings.cuda_graphs,
+            compile_level=settings.compile_level,
         )
 
     @classmethod

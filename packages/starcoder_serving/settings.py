@@ -30,6 +30,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "STARCODER_KV_NUM_BLOCKS": "kv_num_blocks",
     "STARCODER_KV_MEMORY_FRACTION": "kv_memory_fraction",
     "STARCODER_PREFIX_SHARING": "prefix_sharing",
+    "STARCODER_CUDA_GRAPHS": "cuda_graphs",
+    "STARCODER_COMPILE_LEVEL": "compile_level",
 }
 
 
@@ -67,6 +69,10 @@ class ServingSettings(pydantic.BaseModel):
     kv_memory_fraction: float | None = pydantic.Field(None, gt=0.0, le=0.95)
     # Reuse the KV pages of an identical prompt prefix (shared system prompts, FIM file headers).
     prefix_sharing: bool = True
+    # GPU only, off until measured (docs/benchmarks.md): CUDA graphs for the batch's forward passes,
+    # and torch.compile of them (transformers' default_compile_level, 0 = off .. 3 = most, slowest warm-up).
+    cuda_graphs: bool = False
+    compile_level: int = pydantic.Field(0, ge=0, le=3)
     instruction_template_file: str = "instruction_template.json"
     chat_template_file: str = "chat_template.jinja"
 
