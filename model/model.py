@@ -22,6 +22,8 @@ class Model:
         self._config: dict[str, Any] = kwargs["config"]
         self._data_dir = Path(kwargs["data_dir"])
         self._secrets = kwargs["secrets"]
+        # Set by truss when config.yaml has a model_cache: the weights are fetched in the background.
+        self._lazy_data_resolver = kwargs.get("lazy_data_resolver")
         self._predict: PredictService | None = None
         self._openai: OpenAIService | None = None
 
@@ -34,6 +36,10 @@ class Model:
         return token.strip() or None
 
     def load(self) -> None:
+        if self._lazy_data_resolver is not None:
+            # The build-time weight cache lands in /app/model_cache in the background; truss refuses to
+            # finish loading unless we wait for it here.
+            self._lazy_data_resolver.block_until_download_complete()
         settings = ServingSettings.from_sources(self._config.get("model_metadata"))
         engine = Engine.load(settings, self._data_dir, hf_token=self._hf_token())
         self._predict = PredictService(engine)
