@@ -206,3 +206,19 @@ def test_client_disconnect_cancels_generation(client: OpenAI, server: RunningSer
     job_lines = [line for line in server.log().splitlines() if "cancelled=True" in line]
     assert len(job_lines) > cancelled_before, server.log()[-3000:]
     assert "completion_tokens=2048" not in job_lines[-1]
+
+
+def test_streamed_choices_interleave_and_match_the_non_streamed_ones(client: OpenAI) -> None:
+    """n choices for each of several prompts are generated together; chunks carry their index."""
+    request = {"model": "starcoder", "prompt": [PROMPT, "import os\n"], "max_tokens": 10, "temperature": 0, "n": 2}
+    whole = client.completions.create(**request)
+    texts: dict[int, str] = {}
+    finish: dict[int, str | None] = {}
+    for chunk in client.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    assert sorted(texts) == [0, 1, 2, 3]

@@ -177,6 +177,14 @@ class PlannedRequest:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
+@dataclasses.dataclass(frozen=True)
+class _ChoiceEnd:
+    """A streamed choice is over: completed, failed, or (neither) cut off by the client leaving."""
+
+    completion: Completion | None = None
+    error: ServingError | None = None
+
+
 class OpenAIService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -323,34 +331,23 @@ class OpenAIService:
         return {**job.envelope(streamed=False), "choices": choices, "usage": usage}
 
     async def _events(self, request: Request, job: PlannedRequest) -> AsyncIterator[bytes]:
-        """Server-sent events: each choice in turn (chunks carry its index), then usage, then [DONE]."""
-        completion_tokens = 0
+        """Server-sent events: all choices generate at once (so they share the batch) and their chunks
+        interleave, each carrying its choice's index; then usage, then [DONE]."""
+        events: asyncio.Queue[bytes | _ChoiceEnd] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._choice_events(request, job, choice, events)) for choice in job.choices]
+        completion_tokens, running = 0, len(tasks)
         try:
-            for choice in job.choices:
-                finished: list[Completion] = []
-                legacy = LegacyLogprobs(self.texts, len(choice.echo))
-                wants_logprobs = choice.plan.top_logprobs is not None
-                if job.chat:
-                    yield self._chunk(job, choice.index, {"role": "assistant", "content": ""})
-                elif choice.echo:
-                    yield self._chunk(job, choice.index, choice.echo)
-                stream = self.engine.stream(choice.plan, on_complete=finished.append)
-                async with contextlib.aclosing(until_disconnected(request, stream)) as deltas:
-                    async for delta in deltas:
-                        logprobs: dict[str, Any] | None = None
-                        if wants_logprobs:
-                            logprobs = (
-                                chat_logprobs(self.texts, delta.token_logprobs)
-                                if job.chat
-                                else legacy.render(delta.token_logprobs)
-                            )
-                        content: Any = {"content": delta.text} if job.chat else delta.text
-                        yield self._chunk(job, choice.index, content, logprobs=logprobs)
-                if not finished:  # the client went away: generation is cancelled, nobody reads on
+            while running:
+                event = await events.get()
+                if isinstance(event, bytes):
+                    yield event
+                    continue
+                if event.error is not None:
+                    raise event.error
+                if event.completion is None:  # the client went away: generation is cancelled, nobody reads on
                     return
-                completion_tokens += finished[0].completion_tokens
-                reason = FINISH_REASONS[finished[0].finish_reason.value]
-                yield self._chunk(job, choice.index, {} if job.chat else "", finish_reason=reason)
+                running -= 1
+                completion_tokens += event.completion.completion_tokens
             if job.include_usage:
                 yield _sse({**job.envelope(streamed=True), "choices": [], "usage": job.usage(completion_tokens)})
             yield SSE_DONE
@@ -358,6 +355,42 @@ class OpenAIService:
             # Headers are sent: say it as an error event, which OpenAI's clients raise as APIError.
             logger.warning("stream ended by error: %s", error.message)
             yield _sse(error_body(error.message, error.error_type, error.param))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice_events(
+        self, request: Request, job: PlannedRequest, choice: ChoicePlan, events: asyncio.Queue[bytes | _ChoiceEnd]
+    ) -> None:
+        """One choice's chunks into ``events``, ending with a ``_ChoiceEnd``."""
+        finished: list[Completion] = []
+        legacy = LegacyLogprobs(self.texts, len(choice.echo))
+        wants_logprobs = choice.plan.top_logprobs is not None
+        try:
+            if job.chat:
+                events.put_nowait(self._chunk(job, choice.index, {"role": "assistant", "content": ""}))
+            elif choice.echo:
+                events.put_nowait(self._chunk(job, choice.index, choice.echo))
+            stream = self.engine.stream(choice.plan, on_complete=finished.append)
+            async with contextlib.aclosing(until_disconnected(request, stream)) as deltas:
+                async for delta in deltas:
+                    logprobs: dict[str, Any] | None = None
+                    if wants_logprobs:
+                        logprobs = (
+                            chat_logprobs(self.texts, delta.token_logprobs)
+                            if job.chat
+                            else legacy.render(delta.token_logprobs)
+                        )
+                    content: Any = {"content": delta.text} if job.chat else delta.text
+                    events.put_nowait(self._chunk(job, choice.index, content, logprobs=logprobs))
+        except ServingError as error:
+            events.put_nowait(_ChoiceEnd(error=error))
+            return
+        if finished:
+            reason = FINISH_REASONS[finished[0].finish_reason.value]
+            events.put_nowait(self._chunk(job, choice.index, {} if job.chat else "", finish_reason=reason))
+        events.put_nowait(_ChoiceEnd(completion=finished[0] if finished else None))
 
     @staticmethod
     def _chunk(
