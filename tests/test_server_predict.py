@@ -74,6 +74,7 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("stream with bad param", {"prompt": "x", "stream": True, "max_new_tokens": -1}, "`max_new_tokens`"),
     ("too many stops", {"prompt": "x", "stop": [str(i) for i in range(20)]}, "at most 8"),
     ("n without sampling", {"prompt": "x", "num_return_sequences": 2}, "needs sampling"),
+    ("body too large", {"prompt": "x" * (1024 * 1024 + 1)}, "the limit is 1048576"),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -123,6 +124,7 @@ class Engine:
         self._generation_defaults = defaults
         self._logits_size = int(model.get_output_embeddings().weight.shape[0])
         self._admitted = 0
+        self._tokenize_lock = threading.Lock()
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
 
     def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
@@ -182,7 +184,10 @@ class Engine:
     # ---- planning: everything that can be refused is refused here, before any token is generated ----
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Requests are planned in worker threads (long prompts take a while); one encode at a time
+        # keeps the Rust tokenizer's borrow rules happy.
+        with self._tokenize_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def plan(
         self,

@@ -203,7 +203,8 @@ class OpenAIService:
     ) -> Response:
         try:
             body = await read_json_object(request, example)
-            job = planner(body)
+            # Tokenizing long prompts takes a while: off the event loop, so other streams keep flowing.
+            job = await asyncio.to_thread(planner, body)
             if job.stream:
                 # Refuse now, with a status code, what would otherwise only end the stream early.
                 self.engine.check_capacity(len(job.choices))

@@ -34,7 +34,8 @@ class PredictService:
             body = await read_json_object(request, EXAMPLE_BODY)
             parsed = self.parse(body)
             rendered = self.render(parsed)
-            plans = self.plans(parsed, rendered)
+            # Tokenizing a long prompt takes a while: off the event loop, so other streams keep flowing.
+            plans = await asyncio.to_thread(self.plans, parsed, rendered)
             if parsed.stream:
                 return await self._start_stream(request, plans[0])
             completions = await self._complete_all(request, plans)
