@@ -21,6 +21,7 @@ def complete(server: RunningServer, body: dict[str, Any]) -> dict[str, Any]:
 def stream_chunks(server: RunningServer, body: dict[str, Any]) -> list[bytes]:
     with httpx.stream("POST", server.predict_url, json={**body, "stream": True}, timeout=120) as response:
         assert response.status_code == 200
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
         return list(response.iter_bytes())
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pydantic
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from starcoder_serving import envelope
 from starcoder_serving.engine import Completion, Engine
@@ -29,7 +29,7 @@ class PredictService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def handle(self, request: Request) -> dict[str, Any] | JSONResponse | AsyncIterator[bytes]:
+    async def handle(self, request: Request) -> dict[str, Any] | JSONResponse | StreamingResponse:
         try:
             body = await read_json_object(request, EXAMPLE_BODY)
             parsed = self.parse(body)
@@ -98,7 +98,7 @@ class PredictService:
             return completions
         return None
 
-    async def _start_stream(self, request: Request, plan: GenerationPlan) -> AsyncIterator[bytes]:
+    async def _start_stream(self, request: Request, plan: GenerationPlan) -> StreamingResponse:
         """Wait for the first text before answering, so that a full queue or a failed prefill still gets
         a proper status code; after that, errors can only end the stream early."""
         deltas = until_disconnected(request, self.engine.stream(plan))
@@ -119,7 +119,9 @@ class PredictService:
             finally:
                 await deltas.aclose()
 
-        return text_chunks()
+        # Our own StreamingResponse, not a bare generator: truss would relay each chunk through a queue
+        # and a timer task, Python work per token that competes with the batch loop for the GIL.
+        return StreamingResponse(text_chunks(), media_type="text/plain; charset=utf-8")
 
     @staticmethod
     def _data(parsed: PredictRequest, rendered: RenderedPrompt, completions: list[Completion]) -> dict[str, Any]:
