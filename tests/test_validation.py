@@ -11,6 +11,8 @@ from starcoder_serving.errors import InvalidRequest
 from starcoder_serving.generation_params import PYTHON_ONLY_PARAMETERS
 from starcoder_serving.predict_service import PredictService
 
+from tests.strategies import json_values, predict_fields
+
 
 def parse_error(body: dict[str, object]) -> str:
     with pytest.raises(InvalidRequest) as caught:
@@ -69,37 +71,8 @@ def test_python_only_parameters_are_refused_with_their_reason(name: str) -> None
     assert f"`{name}` is not accepted: {PYTHON_ONLY_PARAMETERS[name]}" in message
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
-    max_leaves=8,
-)
-field_names = st.sampled_from(
-    [
-        "prompt",
-        "prefix",
-        "suffix",
-        "messages",
-        "instruction",
-        "input",
-        "stream",
-        "stop",
-        "seed",
-        "max_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "num_beams",
-        "do_sample",
-        "bad_words_ids",
-        "streamer",
-        "junk",
-    ]
-)
-
-
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(field_names, json_values, max_size=5))
+@given(st.dictionaries(predict_fields, json_values, max_size=5))
 def test_fuzzed_bodies_either_parse_or_raise_a_client_error(body: dict[str, object]) -> None:
     json.dumps(body)  # the fuzzer only sends what a client could
     try:
