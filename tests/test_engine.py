@@ -11,6 +11,7 @@ import pytest
 import torch
 from starcoder_serving.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.generate_worker import AdditivePenalties
 from starcoder_serving.jobs import FinishReason
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -206,3 +207,22 @@ def test_generation_stops_at_starcoder2_file_separator(
             assert "<file_sep>" not in result.text
             stopped.append(prompt)
     assert stopped, "no prompt generated <file_sep>: the fixture no longer makes it likely"
+
+
+def test_additive_penalties_follow_openai_arithmetic() -> None:
+    # Prompt [7, 8], then generated [3, 3, 5]: token 3 was generated twice, 5 once; prompt tokens don't count.
+    input_ids = torch.tensor([[7, 8, 3, 3, 5]])
+    scores = torch.zeros((1, 10))
+    penalized = AdditivePenalties(prompt_length=2, presence=0.5, frequency=0.25)(input_ids, scores)
+    expected = torch.zeros((1, 10))
+    expected[0, 3] = -(0.5 + 2 * 0.25)
+    expected[0, 5] = -(0.5 + 1 * 0.25)
+    assert torch.equal(penalized, expected)
+
+
+def test_penalized_requests_run_on_the_generate_path(engine: Engine) -> None:
+    plan = engine.plan(engine.tokenize("x = 1"), {"max_new_tokens": 30}, frequency_penalty=2.0)
+    assert engine.route(plan).path.value == "generate"
+    penalized = asyncio.run(engine.complete(plan))
+    plain = run(engine, "x = 1", max_new_tokens=30)
+    assert penalized.text != plain.text

@@ -160,7 +160,7 @@ def test_chat_completion_streamed_and_not(client: OpenAI) -> None:
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("unknown parameter", {"extra_body": {"temprature": 0.5}}, "Unknown parameter `temprature`"),
     ("over the cap", {"max_tokens": 100000}, "cap of 2048"),
-    ("presence penalty", {"presence_penalty": 0.5}, "`presence_penalty` is not supported"),
+    ("presence penalty out of range", {"presence_penalty": 2.5}, "`presence_penalty`"),
     ("best_of", {"best_of": 3}, "`best_of`"),
     ("logit bias", {"logit_bias": {"5": 10}}, "`logit_bias`"),
     ("echo with logprobs", {"echo": True, "logprobs": 1}, "does not score prompt tokens"),
@@ -190,7 +190,7 @@ def test_bad_chat_requests_raise_bad_request(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="must end with a user"):
         client.chat.completions.create(model="starcoder", messages=[*MESSAGES, {"role": "assistant", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-        client.chat.completions.create(model="starcoder", messages=MESSAGES, frequency_penalty=1.0, stream=True)
+        client.chat.completions.create(model="starcoder", messages=MESSAGES, frequency_penalty=-3.0, stream=True)
 
 
 def test_client_disconnect_cancels_generation(client: OpenAI, server: RunningServer) -> None:
@@ -222,3 +222,19 @@ def test_streamed_choices_interleave_and_match_the_non_streamed_ones(client: Ope
     assert texts == {c.index: c.text for c in whole.choices}
     assert finish == {c.index: c.finish_reason for c in whole.choices}
     assert sorted(texts) == [0, 1, 2, 3]
+
+
+def test_presence_and_frequency_penalties_discourage_repeats(client: OpenAI) -> None:
+    def repeats(**penalties: float) -> tuple[str, int]:
+        done = client.completions.create(
+            model="starcoder", prompt="x = 1", max_tokens=40, temperature=0, logprobs=0, **penalties
+        )
+        tokens = done.choices[0].logprobs.tokens  # type: ignore[union-attr]
+        return done.choices[0].text, len(tokens) - len(set(tokens))
+
+    plain_text, plain_repeats = repeats()
+    assert plain_repeats > 0  # the tiny model repeats itself: something to discourage
+    for penalties in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        text, penalized_repeats = repeats(**penalties)
+        assert text != plain_text and penalized_repeats < plain_repeats
+        assert repeats(**penalties) == (text, penalized_repeats)  # still deterministic

@@ -196,6 +196,8 @@ class Engine:
         stop: list[str] | tuple[str, ...] = (),
         seed: int | None = None,
         top_logprobs: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> GenerationPlan:
         settings = self.settings
         kwargs = dict(parameters)
@@ -264,6 +266,8 @@ class Engine:
             stop=tuple(stop),
             seed=seed,
             top_logprobs=top_logprobs,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
 
     def _check_stop(self, stop: list[str] | tuple[str, ...]) -> None:
@@ -305,6 +309,7 @@ class Engine:
             effective_parameters(self._generation_defaults, plan.generation_kwargs),
             seed=plan.seed,
             top_logprobs=plan.top_logprobs,
+            additive_penalties=bool(plan.presence_penalty or plan.frequency_penalty),
             continuous_batching=self._batched is not None,
             request_keys=set(plan.generation_kwargs),
         )

@@ -19,7 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from starcoder_serving.errors import GenerationFailed, Overloaded
-from starcoder_serving.jobs import DoneEvent, FinishReason, Job, TokenEvent, TokenLogprob
+from starcoder_serving.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,27 @@ class _YieldCriterion(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         self._access.yield_to_batch()
         return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+
+class AdditivePenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties: subtract ``presence`` from the logit of every token
+    generated so far, and ``frequency`` times its count. The prompt's tokens are not counted.
+
+    transformers runs request-supplied processors after its own, so these apply after temperature
+    and top-k/top-p (a token already cut off stays cut off); for greedy decoding that is the same.
+    """
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self._prompt_length = prompt_length
+        self._presence = presence
+        self._frequency = frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self._prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -157,7 +178,7 @@ class GenerateWorker:
                     # Beam search cannot stream: its tokens are forwarded once the best beam is known.
                     streamer=None if beam_search else forwarder,
                     stopping_criteria=StoppingCriteriaList(criteria),
-                    logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                    logits_processor=self._logits_processors(plan, recorder),
                     **plan.generation_kwargs,
                 )
             if beam_search:
@@ -190,6 +211,15 @@ class GenerateWorker:
                 job.cancelled.is_set(),
                 time.perf_counter() - started,
             )
+
+    @staticmethod
+    def _logits_processors(plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList | None:
+        processors: list[LogitsProcessor] = []
+        if plan.presence_penalty or plan.frequency_penalty:
+            processors.append(AdditivePenalties(plan.prompt_tokens, plan.presence_penalty, plan.frequency_penalty))
+        if recorder is not None:  # last: it records the distribution actually sampled from
+            processors.append(recorder)
+        return LogitsProcessorList(processors) if processors else None
 
     def _finish_reason(self, job: Job, forwarder: _TokenForwarder) -> FinishReason:
         if job.cancelled.is_set():

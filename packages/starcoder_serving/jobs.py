@@ -28,6 +28,9 @@ class GenerationPlan:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_logprobs: int | None = None  # None: no logprobs; 0: only the chosen token's
+    # OpenAI's additive penalties on tokens already generated (not on the prompt); 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def prompt_tokens(self) -> int:

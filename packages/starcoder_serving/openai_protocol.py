@@ -3,7 +3,7 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` accept OpenAI's request bodies (plus
 vLLM's ``top_k``, ``repetition_penalty`` and ``min_tokens``). Every field is either honoured or
 refused with a 400 that says why: unknown fields, and known OpenAI fields this server cannot honour
-(``presence_penalty`` != 0, ``logit_bias``, ``tools``, ``best_of`` != n, ...), are never ignored.
+(``logit_bias``, ``tools``, ``best_of`` != n, ...), are never ignored.
 The response bodies are built in ``openai_service``; their shapes follow OpenAI's API reference.
 """
 
@@ -94,13 +94,6 @@ class SamplingRequest(_Strict):
 
     def check_supported(self) -> None:
         """Refuse, by name, every sent parameter this server cannot honour."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequest(
-                    f"`{name}` is not supported by this server (only 0). Use `repetition_penalty` "
-                    "(> 1 discourages repeats) instead.",
-                    param=name,
-                )
         if self.logit_bias:
             raise InvalidRequest(
                 "`logit_bias` is not supported by this server; send {} or leave it out.", param="logit_bias"

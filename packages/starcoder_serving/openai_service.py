@@ -269,7 +269,13 @@ class OpenAIService:
             # n independent sequences; with a seed each gets its own (seed, seed+1, ...) so they differ.
             return [
                 self.engine.plan(
-                    prompt_ids, parameters, stop, None if parsed.seed is None else parsed.seed + i, top_logprobs
+                    prompt_ids,
+                    parameters,
+                    stop,
+                    None if parsed.seed is None else parsed.seed + i,
+                    top_logprobs,
+                    presence_penalty=parsed.presence_penalty or 0.0,
+                    frequency_penalty=parsed.frequency_penalty or 0.0,
                 )
                 for i in range(n)
             ]

@@ -28,6 +28,7 @@ top_logprobs / logprobs                                     generate   CB return
                                                                        after warping (0.0 for emulated greedy)
 min_new_tokens > 0 (min_length)                             generate   MinNewTokensLength: unsupported by CB
 repetition_penalty != 1.0                                   generate   RepetitionPenalty: unsupported by CB
+presence_penalty / frequency_penalty != 0 (OpenAI routes)   generate   our own logits processor, generate() only
 no_repeat_ngram_size, bad_words_ids, suppress_tokens,       generate   not CB-aware: would be dropped / wrong on the
 begin_suppress_tokens, exponential_decay_length_penalty                packed (1, tokens) batch layout
 typical_p != 1, epsilon_cutoff, eta_cutoff, min_p           generate   no per-request CB version
@@ -95,6 +96,7 @@ def choose_path(
     *,
     seed: int | None = None,
     top_logprobs: int | None = None,
+    additive_penalties: bool = False,
     continuous_batching: bool = True,
     request_keys: frozenset[str] | set[str] | None = None,
 ) -> Route:
@@ -111,6 +113,8 @@ def choose_path(
         return Route(Path.GENERATE, "num_return_sequences > 1")
     if top_logprobs is not None:
         return Route(Path.GENERATE, "logprobs requested")
+    if additive_penalties:
+        return Route(Path.GENERATE, "presence/frequency penalties have no batched version")
     if params.get("do_sample") and seed is not None:
         return Route(Path.GENERATE, "seeded sampling needs its own RNG")
     for name, inactive in _INACTIVE.items():
