@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     load.add_argument("--max-concurrency", type=int, default=16, help="levels 1, 2, 4, ... up to this (default 16)")
     load.add_argument("--levels", type=int, nargs="+", help="explicit concurrency levels instead")
-    load.add_argument("--requests-per-client", type=int, default=3, help="requests each client sends (default 3)")
+    # Enough that the 16-client level lasts seconds, not a fraction of one: short levels are noisy.
+    load.add_argument("--requests-per-client", type=int, default=20, help="requests each client sends (default 20)")
     load.add_argument(
         "--warmup-requests",
         type=int,
