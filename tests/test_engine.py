@@ -13,6 +13,7 @@ from starcoder_serving.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.generate_worker import AdditivePenalties
 from starcoder_serving.jobs import FinishReason
+from starcoder_serving.prompts import ChatRenderer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import DATA_DIR, tiny_settings
@@ -226,3 +227,17 @@ def test_penalized_requests_run_on_the_generate_path(engine: Engine) -> None:
     penalized = asyncio.run(engine.complete(plan))
     plain = run(engine, "x = 1", max_new_tokens=30)
     assert penalized.text != plain.text
+
+
+def test_a_chat_template_that_refuses_the_conversation_is_a_client_error(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # As many chat models' templates do: insist on alternating roles.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    renderer = ChatRenderer(tokenizer, default_template="unused")
+    assert renderer.render([{"role": "user", "content": "hi"}]).text == "hi"
+    with pytest.raises(InvalidRequest, match="roles must alternate"):
+        renderer.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])

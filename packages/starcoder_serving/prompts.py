@@ -11,6 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+import jinja2
+
+from starcoder_serving.errors import InvalidRequest
+
 FIM_PREFIX = "<fim_prefix>"
 FIM_SUFFIX = "<fim_suffix>"
 FIM_MIDDLE = "<fim_middle>"
@@ -68,7 +72,13 @@ class ChatRenderer:
         self._template = default_template if self._uses_default else None
 
     def render(self, messages: list[dict[str, str]]) -> RenderedPrompt:
-        text = self._tokenizer.apply_chat_template(
-            messages, chat_template=self._template, add_generation_prompt=True, tokenize=False
-        )
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, chat_template=self._template, add_generation_prompt=True, tokenize=False
+            )
+        except jinja2.TemplateError as error:
+            # A model's own template may refuse a conversation (e.g. "roles must alternate"): the client's fix.
+            raise InvalidRequest(
+                f"`messages` rejected by the model's chat template: {error}", param="messages"
+            ) from None
         return RenderedPrompt(str(text), DEFAULT_CHAT_STOP if self._uses_default else ())
