@@ -241,3 +241,25 @@ def test_a_chat_template_that_refuses_the_conversation_is_a_client_error(tiny_mo
     assert renderer.render([{"role": "user", "content": "hi"}]).text == "hi"
     with pytest.raises(InvalidRequest, match="roles must alternate"):
         renderer.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_when_one_of_several_plans_fails_the_others_are_stopped(engine: Engine) -> None:
+    original = engine.model.generate
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        engine.model.generate = original
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    # Served one at a time by generate(): the first fails, the others must not run on for nobody.
+    plans = [
+        engine.plan(engine.tokenize(p), {"max_new_tokens": 500, "min_new_tokens": 500, "no_repeat_ngram_size": 9})
+        for p in PROMPTS[:3]
+    ]
+    engine.model.generate = out_of_memory
+    try:
+        with pytest.raises(Overloaded):
+            asyncio.run(engine.complete_all(plans))
+    finally:
+        engine.model.generate = original
+    assert engine.requests_in_progress == 0
+    assert run(engine, "hello", max_new_tokens=3, no_repeat_ngram_size=9).completion_tokens == 3

@@ -292,12 +292,12 @@ class Engine:
 
     def _admit(self, plan: GenerationPlan) -> Job:
         self.check_capacity()
-        route = self.route(plan)
+        params = effective_parameters(self._generation_defaults, plan.generation_kwargs)
+        route = self._route(plan, params)
         self._admitted += 1
         self.routed[route.path] += 1
         job = Job(plan, asyncio.get_running_loop(), path=route.path.value)
         if route.path is GenerationPath.BATCHED:
-            params = effective_parameters(self._generation_defaults, plan.generation_kwargs)
             self._batched.submit(job, batched_sampling_kwargs(params, self._logits_size))
         else:
             self._worker.submit(job)
@@ -305,8 +305,11 @@ class Engine:
 
     def route(self, plan: GenerationPlan) -> Route:
         """Which path (continuous batch or lone generate()) serves this plan, and why."""
+        return self._route(plan, effective_parameters(self._generation_defaults, plan.generation_kwargs))
+
+    def _route(self, plan: GenerationPlan, params: dict[str, Any]) -> Route:
         return choose_path(
-            effective_parameters(self._generation_defaults, plan.generation_kwargs),
+            params,
             seed=plan.seed,
             top_logprobs=plan.top_logprobs,
             additive_penalties=bool(plan.presence_penalty or plan.frequency_penalty),
@@ -358,6 +361,16 @@ class Engine:
         async for _ in self.stream(plan, on_complete=result.append):
             pass
         return result[0]
+
+    async def complete_all(self, plans: list[GenerationPlan]) -> list[Completion]:
+        """Run plans together (they share the batch); if one fails or we are cancelled, stop the rest."""
+        tasks = [asyncio.ensure_future(self.complete(plan)) for plan in plans]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def shutdown(self) -> None:
         self._worker.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, TypeVar
 
 from starcoder_serving.errors import InvalidRequest, PayloadTooLarge
@@ -41,6 +41,17 @@ async def read_json_object(request: HasBody, example: str) -> dict[str, Any]:
             f"The request body must be a JSON object like {example}; got a JSON {type(parsed).__name__}."
         )
     return parsed
+
+
+async def unless_disconnected(request: DisconnectAware, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (with ``work`` cancelled) if the client disconnects first."""
+
+    async def one() -> AsyncIterator[T]:
+        yield await work
+
+    async for result in until_disconnected(request, one()):
+        return result
+    return None
 
 
 async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) -> AsyncIterator[T]:

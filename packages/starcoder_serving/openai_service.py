@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from starcoder_serving.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, ServingError
-from starcoder_serving.http_utils import read_json_object, until_disconnected
+from starcoder_serving.http_utils import read_json_object, unless_disconnected, until_disconnected
 from starcoder_serving.jobs import GenerationPlan, TokenLogprob
 from starcoder_serving.openai_protocol import (
     FINISH_REASONS,
@@ -214,7 +214,8 @@ class OpenAIService:
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            completions = await self._complete_all(request, [choice.plan for choice in job.choices])
+            plans = [choice.plan for choice in job.choices]
+            completions = await unless_disconnected(request, self.engine.complete_all(plans))
         except ServingError as error:
             return error_response(error)
         if completions is None:  # the client hung up; nobody reads this
@@ -295,23 +296,6 @@ class OpenAIService:
         )
 
     # ---- running ----
-
-    async def _complete_all(self, request: Request, plans: list[GenerationPlan]) -> list[Completion] | None:
-        """Run every plan; cancel them all if the client disconnects or one of them fails."""
-
-        async def gather() -> AsyncIterator[list[Completion]]:
-            tasks = [asyncio.ensure_future(self.engine.complete(plan)) for plan in plans]
-            try:
-                yield list(await asyncio.gather(*tasks))
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-
-        async with contextlib.aclosing(until_disconnected(request, gather())) as results:
-            async for completions in results:
-                return completions
-        return None
 
     def _response(self, job: PlannedRequest, completions: list[Completion]) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []

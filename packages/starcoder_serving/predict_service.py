@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starcoder_serving import envelope
 from starcoder_serving.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
-from starcoder_serving.http_utils import read_json_object, until_disconnected
+from starcoder_serving.http_utils import read_json_object, unless_disconnected, until_disconnected
 from starcoder_serving.jobs import GenerationPlan
 from starcoder_serving.prompts import RenderedPrompt, render_fim
 from starcoder_serving.schemas import PredictRequest
@@ -38,7 +38,7 @@ class PredictService:
             plans = await asyncio.to_thread(self.plans, parsed, rendered)
             if parsed.stream:
                 return await self._start_stream(request, plans[0])
-            completions = await self._complete_all(request, plans)
+            completions = await unless_disconnected(request, self.engine.complete_all(plans))
         except ServingError as error:
             return envelope.failure(error)
         if completions is None:  # the client hung up; nobody reads this
@@ -87,16 +87,6 @@ class PredictService:
                 "otherwise every sequence would be the same.",
                 param="num_return_sequences",
             )
-
-    async def _complete_all(self, request: Request, plans: list[GenerationPlan]) -> list[Completion] | None:
-        """Run every plan; cancel them all if the client disconnects first."""
-
-        async def gather() -> AsyncIterator[list[Completion]]:
-            yield list(await asyncio.gather(*(self.engine.complete(plan) for plan in plans)))
-
-        async for completions in until_disconnected(request, gather()):
-            return completions
-        return None
 
     async def _start_stream(self, request: Request, plan: GenerationPlan) -> StreamingResponse:
         """Wait for the first text before answering, so that a full queue or a failed prefill still gets
