@@ -182,10 +182,8 @@ class GenerateWorker:
                     **plan.generation_kwargs,
                 )
             if beam_search:
-                generated = output[0, len(plan.prompt_ids) :].tolist()
-                while generated and generated[-1] == self._pad_token_id and generated[-1] not in self._eos_token_ids:
-                    generated.pop()
-                forwarder.forward_all(generated)
+                # One sequence of one prompt: nothing is padded, every id was generated.
+                forwarder.forward_all(output[0, len(plan.prompt_ids) :].tolist())
             reason = self._finish_reason(job, forwarder)
             job.emit(DoneEvent(reason))
         except torch.cuda.OutOfMemoryError:
