@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements-dev.txt
 venv: $(VENV)/.installed
 
 tiny-model: venv
-	$(PY) -m starcoder_serving.tiny_model .cache/tiny-starcoder
+	$(PY) -m devtools.tiny_model .cache/tiny-starcoder
 
 # The real Truss server on 127.0.0.1:$(PORT); STARCODER_CHECKPOINT=<path or hub id> serves another model.
 serve: venv

@@ -245,7 +245,7 @@ def run_engine(
     levels: Sequence[int],
     requests_per_client: int,
 ) -> EngineRun:
-    from starcoder_serving.engine import Engine
+    from starcoder_serving.engine.engine import Engine
 
     engine = Engine(model, tokenizer, settings, DATA_DIR)
     results: list[EngineLevel] = []
@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from starcoder_serving.tiny_model import build_tiny_model
+    from devtools.tiny_model import build_tiny_model
     from transformers import AutoTokenizer
 
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR

@@ -215,7 +215,7 @@ async def drive(targets: list[Target], prompts: list[str], levels: list[int], wa
 
 
 def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerRun], str]:
-    from starcoder_serving.tiny_model import build_tiny_model
+    from devtools.tiny_model import build_tiny_model
 
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, ServerFailed, running_server
 
@@ -249,7 +249,7 @@ def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerR
 
 
 def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerRun], str]:
-    from starcoder_serving.tiny_model import build_tiny_model
+    from devtools.tiny_model import build_tiny_model
 
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR
 

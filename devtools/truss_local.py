@@ -64,7 +64,7 @@ def server_environment(port: int, extra: dict[str, str] | None = None) -> dict[s
     """The image's environment, pointed at the tiny model unless STARCODER_CHECKPOINT says otherwise."""
     env = dict(os.environ)
     if not env.get("STARCODER_CHECKPOINT"):
-        from starcoder_serving.tiny_model import build_tiny_model
+        from devtools.tiny_model import build_tiny_model
 
         env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
         env.setdefault("STARCODER_DTYPE", "float32")

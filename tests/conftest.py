@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from starcoder_serving.engine import Engine
+from starcoder_serving.engine.engine import Engine
 from starcoder_serving.settings import ServingSettings
-from starcoder_serving.tiny_model import build_tiny_model
+from devtools.tiny_model import build_tiny_model
 
 from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, REPO_ROOT, RunningServer, ServerFailed, running_server
 

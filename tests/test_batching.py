@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from starcoder_serving.engine import Completion, Engine
+from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.errors import Overloaded
-from starcoder_serving.jobs import FinishReason, GenerationPlan
-from starcoder_serving.routing import Path as Route
-from starcoder_serving.routing import batched_sampling_kwargs, choose_path, effective_parameters
+from starcoder_serving.engine.jobs import FinishReason, GenerationPlan
+from starcoder_serving.engine.path_choice import Path as Route
+from starcoder_serving.engine.path_choice import batched_sampling_kwargs, choose_path, effective_parameters
 from starcoder_serving.settings import ServingSettings
 
 from tests.conftest import DATA_DIR, tiny_settings

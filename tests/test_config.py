@@ -71,4 +71,4 @@ def test_truss_lays_out_the_image_build_context(tmp_path: Path) -> None:
     app = fs_dir / "app"
     assert (app / "main.py").is_file() and (app / "model" / "model.py").is_file()
     assert (app / "data" / "chat_template.jinja").is_file()
-    assert (fs_dir / "packages" / "starcoder_serving" / "engine.py").is_file()
+    assert (fs_dir / "packages" / "starcoder_serving" / "engine" / "engine.py").is_file()

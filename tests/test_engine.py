@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from starcoder_serving.engine import Completion, Engine
+from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, Overloaded
-from starcoder_serving.generate_worker import AdditivePenalties
-from starcoder_serving.jobs import FinishReason
-from starcoder_serving.prompts import ChatRenderer
+from starcoder_serving.engine.generate_worker import AdditivePenalties
+from starcoder_serving.engine.jobs import FinishReason
+from starcoder_serving.text.prompts import ChatRenderer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import DATA_DIR, tiny_settings

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from starcoder_serving.http_utils import until_disconnected
+from starcoder_serving.api.http_body import until_disconnected
 
 
 class Client:

@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starcoder_serving.engine import Engine
+from starcoder_serving.engine.engine import Engine
 from starcoder_serving.errors import InvalidRequest
-from starcoder_serving.openai_protocol import (
+from starcoder_serving.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     parse_chat_request,
     parse_completion_request,
 )
-from starcoder_serving.openai_service import OpenAIService, TokenTexts
+from starcoder_serving.api.openai_route import OpenAIService, TokenTexts
 
 CHAT = [{"role": "user", "content": "hi"}]
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starcoder_serving.engine import Engine
+from starcoder_serving.engine.engine import Engine
 
 from tests.conftest import SECRET_SENTINEL, RunningServer
 from tests.strategies import json_values, predict_fields

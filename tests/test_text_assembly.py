@@ -7,8 +7,8 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starcoder_serving.detokenizer import IncrementalDetokenizer
-from starcoder_serving.stop_sequences import StopSequenceMatcher
+from starcoder_serving.text.detokenizer import IncrementalDetokenizer
+from starcoder_serving.text.stop_sequences import StopSequenceMatcher
 from transformers import AutoTokenizer
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pydantic
 
-from starcoder_serving.generation_params import PYTHON_ONLY_PARAMETERS
+from starcoder_serving.api.generation_params import PYTHON_ONLY_PARAMETERS
 
 
 class ServingError(Exception):

@@ -55,7 +55,7 @@ class ServingSettings(pydantic.BaseModel):
     max_stop_sequence_chars: int = pydantic.Field(256, ge=1)
     # Requests admitted to the engine (running + waiting); past this the server answers 503.
     max_queued_requests: int = pydantic.Field(256, ge=1)
-    # Continuous batching (batched_worker.py): concurrent requests share each forward pass over a
+    # Continuous batching (engine/batch_worker.py): concurrent requests share each forward pass over a
     # paged KV cache. False: every request runs alone through model.generate() (the seed's behaviour).
     continuous_batching: bool = True
     # Sequences decoded together in one step (the rest wait for a slot, still admitted).

@@ -16,16 +16,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from starcoder_serving.detokenizer import IncrementalDetokenizer
+from starcoder_serving.text.detokenizer import IncrementalDetokenizer
 from starcoder_serving.errors import InvalidRequest, Overloaded
-from starcoder_serving.generate_worker import GenerateWorker
-from starcoder_serving.generation_params import check_with_transformers, token_ids_in
-from starcoder_serving.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
-from starcoder_serving.prompts import ChatRenderer, InstructionTemplate
-from starcoder_serving.routing import Path as GenerationPath
-from starcoder_serving.routing import Route, batched_sampling_kwargs, choose_path, effective_parameters
+from starcoder_serving.engine.generate_worker import GenerateWorker
+from starcoder_serving.api.generation_params import check_with_transformers, token_ids_in
+from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
+from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate
+from starcoder_serving.engine.path_choice import Path as GenerationPath
+from starcoder_serving.engine.path_choice import Route, batched_sampling_kwargs, choose_path, effective_parameters
 from starcoder_serving.settings import ServingSettings
-from starcoder_serving.stop_sequences import StopSequenceMatcher
+from starcoder_serving.text.stop_sequences import StopSequenceMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +128,13 @@ class Engine:
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
 
     def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
-        """Two paths share one model; see batched_worker.py for why that is safe:
+        """Two paths share one model; see batch_worker.py for why that is safe:
 
-        * requests the batch can honour exactly (routing.py) join the continuous batch;
+        * requests the batch can honour exactly (path_choice.py) join the continuous batch;
         * the rest run through GenerateWorker's generate(), which parks the batch loop (manager.pause)
           for each of its steps and lets the batch take one step in between.
         """
-        from starcoder_serving.batched_worker import BatchedWorker
+        from starcoder_serving.engine.batch_worker import BatchedWorker
 
         num_blocks, max_batch_tokens = settings.kv_num_blocks, settings.max_batch_tokens
         if model.device.type == "cpu":

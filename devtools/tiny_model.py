@@ -6,7 +6,7 @@ StarCoder's ids, so every code path (FIM, stop at ``<|endoftext|>``, context-win
 exactly as it does on the real model. The weights are random, so the text is gibberish, but it is
 the same gibberish on every machine.
 
-    python -m starcoder_serving.tiny_model .cache/tiny-starcoder
+    python -m devtools.tiny_model .cache/tiny-starcoder
 """
 
 from __future__ import annotations

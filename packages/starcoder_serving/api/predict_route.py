@@ -11,13 +11,13 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from starcoder_serving import envelope
-from starcoder_serving.engine import Completion, Engine
+from starcoder_serving.api import envelope
+from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
-from starcoder_serving.http_utils import read_json_object, unless_disconnected, until_disconnected
-from starcoder_serving.jobs import GenerationPlan
-from starcoder_serving.prompts import RenderedPrompt, render_fim
-from starcoder_serving.schemas import PredictRequest
+from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
+from starcoder_serving.engine.jobs import GenerationPlan
+from starcoder_serving.text.prompts import RenderedPrompt, render_fim
+from starcoder_serving.api.predict_schema import PredictRequest
 
 logger = logging.getLogger(__name__)
 

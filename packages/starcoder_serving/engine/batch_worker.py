@@ -40,7 +40,7 @@ from transformers.generation.continuous_batching.continuous_api import OutputRou
 from transformers.generation.continuous_batching.requests import GenerationOutput
 
 from starcoder_serving.errors import GenerationFailed, Overloaded
-from starcoder_serving.jobs import DoneEvent, Event, FinishReason, Job, TokenEvent, emit_all
+from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, Job, TokenEvent, emit_all
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 vLLM's ``top_k``, ``repetition_penalty`` and ``min_tokens``). Every field is either honoured or
 refused with a 400 that says why: unknown fields, and known OpenAI fields this server cannot honour
 (``logit_bias``, ``tools``, ``best_of`` != n, ...), are never ignored.
-The response bodies are built in ``openai_service``; their shapes follow OpenAI's API reference.
+The response bodies are built in ``openai_route``; their shapes follow OpenAI's API reference.
 """
 
 from __future__ import annotations

@@ -23,18 +23,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from starcoder_serving.engine import Completion, Engine
+from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.errors import InvalidRequest, ServingError
-from starcoder_serving.http_utils import read_json_object, unless_disconnected, until_disconnected
-from starcoder_serving.jobs import GenerationPlan, TokenLogprob
-from starcoder_serving.openai_protocol import (
+from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
+from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
+from starcoder_serving.api.openai_schema import (
     FINISH_REASONS,
     SamplingRequest,
     error_body,
     parse_chat_request,
     parse_completion_request,
 )
-from starcoder_serving.prompts import RenderedPrompt, render_fim
+from starcoder_serving.text.prompts import RenderedPrompt, render_fim
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from starcoder_serving.errors import GenerationFailed, Overloaded
-from starcoder_serving.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
+from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from starcoder_serving.generation_params import GenerationParameters
+from starcoder_serving.api.generation_params import GenerationParameters
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 # 2**63 - 1: what torch.manual_seed accepts.

@@ -1,0 +1,1 @@
+"""Text: prompt templates, incremental detokenizing, stop sequences."""
