@@ -9,15 +9,19 @@ greater than ``num_beams`` without sampling) are left to ``GenerationConfig.vali
 
 from __future__ import annotations
 
-import warnings
 from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import Field, StrictBool, StrictInt
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
-Probability = Annotated[float, Field(gt=0.0, le=1.0)]
-Cutoff = Annotated[float, Field(ge=0.0, lt=1.0)]
+from starcoder_serving.engine.sampling_params import (
+    Cutoff,
+    MinP,
+    Probability,
+    RepetitionPenalty,
+    Temperature,
+    TokenId,
+)
 
 # Parameters that only make sense as Python objects in-process; each gets its own explanation.
 PYTHON_ONLY_PARAMETERS: dict[str, str] = {
@@ -67,21 +71,22 @@ class GenerationParameters(pydantic.BaseModel):
     early_stopping: StrictBool | Literal["never"] | None = None
     length_penalty: float | None = None
     # Sampling.
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    temperature: Temperature | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None
     top_p: Probability | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    min_p: MinP | None = None
     typical_p: Probability | None = None
     epsilon_cutoff: Cutoff | None = None
     eta_cutoff: Cutoff | None = None
     # Penalties and token control.
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     no_repeat_ngram_size: Annotated[StrictInt, Field(ge=0)] | None = None
     bad_words_ids: Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(max_length=1024)] | None = None
     suppress_tokens: Annotated[list[TokenId], Field(max_length=4096)] | None = None
     begin_suppress_tokens: Annotated[list[TokenId], Field(max_length=4096)] | None = None
+    # JSON has no tuples: the pair is sent as [start, factor] (lax here; its items stay strict).
     exponential_decay_length_penalty: (
-        tuple[Annotated[StrictInt, Field(ge=0)], Annotated[float, Field(gt=0.0)]] | None
+        Annotated[tuple[Annotated[StrictInt, Field(ge=0)], Annotated[float, Field(gt=0.0)]], Field(strict=False)] | None
     ) = None
     renormalize_logits: StrictBool | None = None
     remove_invalid_values: StrictBool | None = None
@@ -92,24 +97,3 @@ class GenerationParameters(pydantic.BaseModel):
 
 
 GENERATION_PARAMETER_NAMES: frozenset[str] = frozenset(GenerationParameters.model_fields)
-
-
-def token_ids_in(parameters: dict[str, Any]) -> dict[str, list[int]]:
-    """Every token id a request names, by field, so the engine can check them against the vocabulary."""
-    found: dict[str, list[int]] = {}
-    for name in ("suppress_tokens", "begin_suppress_tokens"):
-        if parameters.get(name):
-            found[name] = list(parameters[name])
-    if parameters.get("bad_words_ids"):
-        found["bad_words_ids"] = [token for word in parameters["bad_words_ids"] for token in word]
-    return found
-
-
-def check_with_transformers(parameters: dict[str, Any]) -> None:
-    """Let ``GenerationConfig`` judge the combination; raises ``ValueError`` with its own explanation."""
-    from transformers import GenerationConfig
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = GenerationConfig(**parameters)
-        config.validate(strict=True)

@@ -23,10 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.errors import InvalidRequest, ServingError
 from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
-from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
 from starcoder_serving.api.openai_schema import (
     FINISH_REASONS,
     SamplingRequest,
@@ -34,6 +31,9 @@ from starcoder_serving.api.openai_schema import (
     parse_chat_request,
     parse_completion_request,
 )
+from starcoder_serving.engine.engine import Completion, Engine
+from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
+from starcoder_serving.errors import InvalidRequest, ServingError
 from starcoder_serving.text.prompts import RenderedPrompt, render_fim
 
 logger = logging.getLogger(__name__)
@@ -260,26 +260,10 @@ class OpenAIService:
     def _plans(
         self, parsed: SamplingRequest, prompt_ids: list[int], rendered: RenderedPrompt, top_logprobs: int | None
     ) -> list[GenerationPlan]:
-        n = parsed.choices_per_prompt
-        limit = self.engine.settings.max_num_return_sequences
-        if n > limit:
-            raise InvalidRequest(f"`n` must be <= {limit}.", param="n")
-        parameters = parsed.generation_parameters()
-        stop = [*parsed.stop_sequences, *rendered.implied_stop]
+        sampling = parsed.sampling_params(top_logprobs, rendered.implied_stop)
         try:
-            # n independent sequences; with a seed each gets its own (seed, seed+1, ...) so they differ.
-            return [
-                self.engine.plan(
-                    prompt_ids,
-                    parameters,
-                    stop,
-                    None if parsed.seed is None else parsed.seed + i,
-                    top_logprobs,
-                    presence_penalty=parsed.presence_penalty or 0.0,
-                    frequency_penalty=parsed.frequency_penalty or 0.0,
-                )
-                for i in range(n)
-            ]
+            # n independent sequences (seed, seed+1, ... when seeded), decoded together in the batch.
+            return self.engine.plan(prompt_ids, sampling)
         except InvalidRequest as error:
             raise _openai_names(error) from None
 
@@ -402,7 +386,7 @@ class OpenAIService:
         return _sse(payload)
 
 
-_ENGINE_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_ENGINE_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_return_sequences": "n"}
 
 
 def _openai_names(error: InvalidRequest) -> InvalidRequest:

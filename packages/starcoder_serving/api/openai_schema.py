@@ -3,7 +3,7 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` accept OpenAI's request bodies (plus
 vLLM's ``top_k``, ``repetition_penalty`` and ``min_tokens``). Every field is either honoured or
 refused with a 400 that says why: unknown fields, and known OpenAI fields this server cannot honour
-(``logit_bias``, ``tools``, ``best_of`` != n, ...), are never ignored.
+(``tools``, ``best_of`` != n, ...), are never ignored.
 The response bodies are built in ``openai_route``; their shapes follow OpenAI's API reference.
 """
 
@@ -14,10 +14,9 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
+from starcoder_serving.engine.sampling_params import AdditivePenalty, LogitBias, SamplingParams, Seed
 from starcoder_serving.errors import InvalidRequest
 
-# 2**63 - 1: what torch.manual_seed accepts.
-Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
@@ -61,9 +60,10 @@ class SamplingRequest(_Strict):
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=64)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[StrictStr, float] | None = None
+    presence_penalty: AdditivePenalty | None = None
+    frequency_penalty: AdditivePenalty | None = None
+    # Token id (as a string, as JSON object keys are) -> bias added to its logit.
+    logit_bias: Annotated[dict[StrictStr, LogitBias], Field(max_length=1024)] | None = None
     seed: Seed | None = None
     user: StrictStr | None = None
     # vLLM's extras.
@@ -94,10 +94,12 @@ class SamplingRequest(_Strict):
 
     def check_supported(self) -> None:
         """Refuse, by name, every sent parameter this server cannot honour."""
-        if self.logit_bias:
-            raise InvalidRequest(
-                "`logit_bias` is not supported by this server; send {} or leave it out.", param="logit_bias"
-            )
+        for key in self.logit_bias or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise InvalidRequest(
+                    f'`logit_bias` keys must be token ids written as decimal strings (like "50256"); got {key[:40]!r}.',
+                    param="logit_bias",
+                )
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest('`stream_options` is only allowed with "stream": true.', param="stream_options")
         if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -105,28 +107,34 @@ class SamplingRequest(_Strict):
                 f"`min_tokens` ({self.min_tokens}) exceeds max_tokens ({self.max_tokens}).", param="min_tokens"
             )
 
-    def generation_parameters(self) -> dict[str, Any]:
-        """transformers ``GenerationConfig`` names for the engine's ``plan``."""
-        parameters: dict[str, Any] = {}
+    def sampling_params(self, logprobs: int | None, implied_stop: tuple[str, ...] = ()) -> SamplingParams:
+        """The request's decoding in the engine's terms (OpenAI's defaults: sampling at temperature 1)."""
+        values: dict[str, Any] = {"n": self.choices_per_prompt, "logprobs": logprobs}
         limit = self.new_token_limit()
         if limit is not None:
-            parameters["max_new_tokens"] = limit
+            values["max_new_tokens"] = limit
         if self.min_tokens:
-            parameters["min_new_tokens"] = self.min_tokens
-        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
-            parameters["repetition_penalty"] = self.repetition_penalty
+            values["min_new_tokens"] = self.min_tokens
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        if self.logit_bias:
+            values["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
+        stop = (*self.stop_sequences, *implied_stop)
+        if stop:
+            values["stop"] = stop
         temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
         if temperature == 0.0:
             # Greedy: top_p / top_k cannot change the argmax, so they are honoured by construction.
-            parameters["do_sample"] = False
-            return parameters
-        parameters["do_sample"] = True
-        parameters["temperature"] = temperature
+            values["do_sample"] = False
+            return SamplingParams.model_validate(values)
+        values["do_sample"] = True
+        values["temperature"] = temperature
         # OpenAI samples from the whole distribution: switch off transformers' default top_k=50.
-        parameters["top_k"] = self.top_k if self.top_k is not None and self.top_k > 0 else 0
-        if self.top_p is not None and self.top_p < 1.0:
-            parameters["top_p"] = self.top_p
-        return parameters
+        values["top_k"] = self.top_k if self.top_k is not None and self.top_k > 0 else 0
+        if self.top_p is not None:
+            values["top_p"] = self.top_p
+        return SamplingParams.model_validate(values)
 
 
 class CompletionRequest(SamplingRequest):

@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from starcoder_serving.api import envelope
-from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
 from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
-from starcoder_serving.engine.jobs import GenerationPlan
-from starcoder_serving.text.prompts import RenderedPrompt, render_fim
 from starcoder_serving.api.predict_schema import PredictRequest
+from starcoder_serving.engine.engine import Completion, Engine
+from starcoder_serving.engine.jobs import GenerationPlan
+from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
+from starcoder_serving.text.prompts import RenderedPrompt, render_fim
 
 logger = logging.getLogger(__name__)
 
@@ -63,30 +63,13 @@ class PredictService:
         return self.engine.instructions.render(parsed.instruction, parsed.input)
 
     def plans(self, parsed: PredictRequest, rendered: RenderedPrompt) -> list[GenerationPlan]:
-        parameters = parsed.set_parameters()
-        n = parameters.pop("num_return_sequences", 1)
-        if n > 1:
-            self._check_fan_out(parsed, parameters, n)
-        prompt_ids = self.engine.tokenize(rendered.text)
-        stop = [*parsed.stop_sequences, *rendered.implied_stop]
-        # n independent sequences; with a seed each gets its own (seed, seed+1, ...) so they differ.
-        return [
-            self.engine.plan(prompt_ids, parameters, stop, None if parsed.seed is None else parsed.seed + i)
-            for i in range(n)
-        ]
-
-    def _check_fan_out(self, parsed: PredictRequest, parameters: dict[str, Any], n: int) -> None:
-        limit = self.engine.settings.max_num_return_sequences
-        if n > limit:
-            raise InvalidRequest(f"`num_return_sequences` must be <= {limit}.", param="num_return_sequences")
-        if parsed.stream:
-            raise InvalidRequest('`num_return_sequences` > 1 cannot be streamed; send "stream": false.')
-        if not parameters.get("do_sample") or parameters.get("num_beams", 1) > 1:
+        sampling = parsed.sampling_params(rendered.implied_stop)
+        if sampling.n > 1 and parsed.stream:
             raise InvalidRequest(
-                '`num_return_sequences` > 1 needs sampling: send "do_sample": true (and no num_beams), '
-                "otherwise every sequence would be the same.",
-                param="num_return_sequences",
+                '`num_return_sequences` > 1 cannot be streamed; send "stream": false.', param="num_return_sequences"
             )
+        # n independent sequences (each with its own seed: seed, seed+1, ...), decoded together in the batch.
+        return self.engine.plan(self.engine.tokenize(rendered.text), sampling)
 
     async def _start_stream(self, request: Request, plan: GenerationPlan) -> StreamingResponse:
         """Wait for the first text before answering, so that a full queue or a failed prefill still gets

@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import Field, StrictBool, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictStr
 
 from starcoder_serving.api.generation_params import GenerationParameters
+from starcoder_serving.engine.sampling_params import SamplingParams, Seed
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
-# 2**63 - 1: what torch.manual_seed accepts.
-Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 
 INPUT_FORMS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt",),
@@ -67,6 +66,19 @@ class PredictRequest(GenerationParameters):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, implied_stop: tuple[str, ...] = ()) -> SamplingParams:
+        """The request's decoding, in the engine's terms (only what the client sent, so the model's own
+        generation defaults still apply to the rest)."""
+        values = self.set_parameters()
+        if "num_return_sequences" in values:
+            values["n"] = values.pop("num_return_sequences")
+        if self.seed is not None:
+            values["seed"] = self.seed
+        stop = (*self.stop_sequences, *implied_stop)
+        if stop:
+            values["stop"] = stop
+        return SamplingParams.model_validate(values)
 
     def echo(self) -> dict[str, Any]:
         """The input fields as the client sent them, for the response's ``data``."""

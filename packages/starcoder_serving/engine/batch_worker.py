@@ -1,10 +1,12 @@
-"""Continuous batching: every admitted request decodes in one shared batch over a paged KV cache.
+"""Continuous batching: every admitted request but beam search decodes in one shared batch over a paged KV cache.
 
 Built on transformers' own ``ContinuousBatchingManager`` (``model.init_continuous_batching``): its
 background thread schedules prefill and decode tokens of all active requests into one forward pass
 per step, reading and writing K/V in fixed-size pages of a preallocated cache, so a finished or
 cancelled request frees its pages for the next one immediately (no padding, no waiting for the
-slowest sequence).
+slowest sequence). Each request's sampling parameters are applied row by row by our ``BatchSampler``
+(``batch_sampler.py``), installed as the manager's only logits processor; the manager itself runs
+greedy (argmax), which the sampler turns into sampling where a row asks for it.
 
 Sharing the model with ``GenerateWorker`` (see ``engine.py``):
 
@@ -28,19 +30,21 @@ time to a replica's cold start.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
-from transformers.generation.continuous_batching.continuous_api import OutputRouter
-from transformers.generation.continuous_batching.requests import GenerationOutput
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from starcoder_serving.errors import GenerationFailed, Overloaded
-from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, Job, TokenEvent, emit_all
+from starcoder_serving.engine import transformers_compat as compat
+from starcoder_serving.engine.batch_sampler import BatchSampler
+from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, Job, TokenEvent, TokenLogprob, emit_all
+from starcoder_serving.engine.transformers_compat import GenerationOutput, OutputRouter
+from starcoder_serving.errors import GenerationFailed, InvalidRequest, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +55,13 @@ _CANCEL_POLL_SECONDS = 0.02
 
 
 class _Active:
-    __slots__ = ("forwarded", "job")
+    __slots__ = ("deadline", "forwarded", "job")
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.forwarded = 0
+        max_time = job.plan.sampling.max_time
+        self.deadline = None if max_time is None else time.monotonic() + max_time
 
 
 class _JobRouter(OutputRouter):
@@ -74,8 +80,9 @@ class _JobRouter(OutputRouter):
 
     def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
         emissions: list[tuple[Job, Event]] = []
+        logprobs = self._worker._step_logprobs(outputs)
         for output in outputs:
-            self._worker._on_output(output, emissions)
+            self._worker._on_output(output, emissions, logprobs)
         emit_all(emissions)  # one wake-up of the event loop per step, not one per request
 
 
@@ -85,6 +92,8 @@ class BatchedWorker:
         model: Any,
         *,
         eos_token_ids: set[int],
+        vocab_size: int,
+        max_requests: int,
         max_batch_sequences: int,
         max_batch_tokens: int | None,
         kv_num_blocks: int | None,
@@ -96,11 +105,8 @@ class BatchedWorker:
     ) -> None:
         # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
         self._eos_token_ids = sorted(eos_token_ids)
-        # Placeholders (!= 1.0 / > 0) so the temperature, top-k and top-p warpers exist; every request
-        # sends its own three values (routing.batched_sampling_kwargs), so these never apply.
-        generation_config = GenerationConfig(
-            do_sample=True, temperature=0.5, top_k=50, top_p=0.5, eos_token_id=self._eos_token_ids
-        )
+        # Greedy (argmax) for the manager; BatchSampler turns sampled rows into samples (Gumbel-max).
+        generation_config = GenerationConfig(do_sample=False, eos_token_id=self._eos_token_ids)
         cb_config = ContinuousBatchingConfig(
             page_size=kv_page_size,
             num_blocks=kv_num_blocks,
@@ -108,8 +114,10 @@ class BatchedWorker:
             max_memory_percent=kv_memory_fraction,
             max_requests_per_batch=max_batch_sequences,
             allow_block_sharing=prefix_sharing,
-            per_request_processors=True,
+            per_request_processors=False,
             drop_unsupported_processors=False,
+            # BatchSampler reads each request's previous token before preparing the next step.
+            use_async_batching=False,
             auto_switch_to_flash=False,
             use_cuda_graph=cuda_graphs,
             default_compile_level=compile_level,
@@ -117,19 +125,27 @@ class BatchedWorker:
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
-        attention = model.config._attn_implementation
+        attention = compat.attention_implementation(model)
         if attention not in _SHARED_ATTENTION:
             if self._manager.is_running():
                 self._manager.stop(block=True)
-            if self._manager._original_attn_impl is not None:
-                model.set_attn_implementation(self._manager._original_attn_impl)
+            if (original := compat.original_attention_implementation(self._manager)) is not None:
+                model.set_attn_implementation(original)
             raise ValueError(
                 f"Continuous batching shares the model with generate() and needs attention that serves both "
                 f"(one of {_SHARED_ATTENTION}); the model uses {attention!r}. Set attn_implementation to 'sdpa'."
             )
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
-        self._manager.output_router = _JobRouter(self)
+        self.sampler = BatchSampler(
+            vocab_size=vocab_size,
+            max_requests=max_requests,
+            eos_token_ids=self._eos_token_ids,
+            device=model.device,
+            static_graph=cuda_graphs,
+        )
+        compat.install_logits_processor(self._manager, self.sampler)
+        compat.install_output_router(self._manager, _JobRouter(self))
         self._manager.start()
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_cancelled, name="batch-cancel-watch", daemon=True)
@@ -137,7 +153,7 @@ class BatchedWorker:
 
     # ---- requests ----
 
-    def submit(self, job: Job, sampling: dict[str, Any]) -> None:
+    def submit(self, job: Job) -> None:
         self._restart_if_crashed()
         request_id = f"job-{job.id}"
         with self._lock:
@@ -148,7 +164,7 @@ class BatchedWorker:
             max_new_tokens=job.plan.max_new_tokens,
             streaming=True,
             eos_token_id=self._eos_token_ids,
-            **sampling,
+            plan=job.plan,  # BatchSampler reads the request's parameters from here
         )
         if added is None:
             self._finish(request_id, DoneEvent(error=GenerationFailed("The batch generator is not running. Retry.")))
@@ -159,10 +175,11 @@ class BatchedWorker:
         status = self._manager.background_thread_status
         if self._stopping.is_set() or status.can_accept_new_requests() is None:
             return
-        thread = self._manager._generation_thread
+        thread = compat.generation_thread(self._manager)
         if thread is not None:
             thread.join(timeout=60)  # it is failing its requests and exiting
         logger.warning("restarting the continuous-batching loop after: %r", status.fatal_error)
+        self.sampler.reset()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self._manager.start()
@@ -177,12 +194,27 @@ class BatchedWorker:
             active = self._active.pop(request_id, None)
         if active is None:
             return
+        self.sampler.release(request_id)
         if emissions is None:
             active.job.emit(event)
         else:
             emissions.append((active.job, event))
 
-    def _on_output(self, output: GenerationOutput, emissions: list[tuple[Job, Event]]) -> None:
+    def _step_logprobs(self, outputs: list[GenerationOutput]) -> dict[str, TokenLogprob]:
+        """This step's logprob entries of the requests that asked for them, by request id (one host copy)."""
+        wanted: dict[str, int] = {}
+        with self._lock:
+            for output in outputs:
+                active = self._active.get(output.request_id)
+                slot = self.sampler.slot_of(output.request_id)
+                if active is not None and slot is not None and active.job.plan.top_logprobs is not None:
+                    wanted[output.request_id] = slot
+        by_slot = self.sampler.read_logprobs(list(wanted.values()))
+        return {request_id: by_slot[slot] for request_id, slot in wanted.items()}
+
+    def _on_output(
+        self, output: GenerationOutput, emissions: list[tuple[Job, Event]], logprobs: dict[str, TokenLogprob]
+    ) -> None:
         """On the manager's thread, for each new token of a streaming request and at its end: queue its events."""
         with self._lock:
             active = self._active.get(output.request_id)
@@ -203,24 +235,41 @@ class BatchedWorker:
             self._cancel(output.request_id)
             return
         tokens = output.generated_tokens
-        for token_id in tokens[active.forwarded :]:
-            emissions.append((job, TokenEvent(int(token_id))))
+        new = tokens[active.forwarded :]
+        entry = logprobs.get(output.request_id)
+        for i, token_id in enumerate(new):
+            # One step gives one token; its logprob entry belongs to the last one.
+            logprob = dataclasses.replace(entry, token_id=int(token_id)) if entry and i == len(new) - 1 else None
+            emissions.append((job, TokenEvent(int(token_id), logprob)))
         active.forwarded = max(active.forwarded, len(tokens))
         if output.is_finished():
-            reason = FinishReason.EOS if tokens and tokens[-1] in self._eos_token_ids else FinishReason.LENGTH
-            self._finish(output.request_id, DoneEvent(reason), emissions)
+            ended = bool(tokens) and tokens[-1] in self._eos_token_ids
+            slot = self.sampler.slot_of(output.request_id)
+            if ended and slot is not None and self.sampler.faulted(slot):
+                # The sampler ended this row because its parameters left no token to choose.
+                event = DoneEvent(error=_no_token_left())
+            else:
+                event = DoneEvent(FinishReason.EOS if ended else FinishReason.LENGTH)
+            self._finish(output.request_id, event, emissions)
 
-    def _cancel(self, request_id: str) -> None:
+    def _cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self._manager.cancel_request(request_id)  # frees its pages at the next step
-        self._finish(request_id, DoneEvent(FinishReason.CANCELLED))
+        self._finish(request_id, DoneEvent(reason))
 
     def _reap_cancelled(self) -> None:
-        """Cancels requests whose client left, including ones still waiting for a batch slot."""
+        """Cancels requests whose client left (including ones still waiting for a batch slot), and ends
+        those past their ``max_time`` (finish reason "length", as generate()'s MaxTimeCriteria)."""
         while not self._stopping.wait(_CANCEL_POLL_SECONDS):
+            now = time.monotonic()
             with self._lock:
                 cancelled = [rid for rid, active in self._active.items() if active.job.cancelled.is_set()]
+                expired = [
+                    rid for rid, active in self._active.items() if active.deadline is not None and now > active.deadline
+                ]
             for request_id in cancelled:
                 self._cancel(request_id)
+            for request_id in expired:
+                self._cancel(request_id, FinishReason.LENGTH)
 
     # ---- sharing the model with generate() ----
 
@@ -242,7 +291,7 @@ class BatchedWorker:
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         status.release_pause()
         try:
-            status.acquire_pause(self._manager._wake_up_loop)
+            status.acquire_pause(compat.wake_up_event(self._manager))
         finally:
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
@@ -256,3 +305,10 @@ class BatchedWorker:
             leftovers = list(self._active)
         for request_id in leftovers:
             self._finish(request_id, DoneEvent(error=GenerationFailed("The server is shutting down.")))
+
+
+def _no_token_left() -> InvalidRequest:
+    return InvalidRequest(
+        "The request's parameters excluded every token at some step (suppress_tokens, bad_words_ids, "
+        "no_repeat_ngram_size, min_new_tokens and logit_bias together); relax them and retry."
+    )

@@ -1,95 +1,34 @@
-"""The engine: load the model, turn a request into a token-space plan, and run it.
+"""The engine: load the model, turn a request into token-space plans, and run them.
 
-Async API over a model-owning worker thread. Text assembly (incremental detokenization, stop
-sequences, finish reason, token counts) happens here on the event loop, identically for streamed
-and non-streamed requests, so the two can never disagree.
+Async API over the two model-owning workers (the continuous batch and solo ``generate()``; see
+``path_choice.py``). Text assembly (``text/assembler.py``) happens on the event loop, identically for
+streamed and non-streamed requests and for both paths.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from starcoder_serving.text.detokenizer import IncrementalDetokenizer
-from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.engine import transformers_compat
 from starcoder_serving.engine.generate_worker import GenerateWorker
-from starcoder_serving.api.generation_params import check_with_transformers, token_ids_in
-from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
-from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate
+from starcoder_serving.engine.jobs import FinishReason, GenerationPlan, Job
 from starcoder_serving.engine.path_choice import Path as GenerationPath
-from starcoder_serving.engine.path_choice import Route, batched_sampling_kwargs, choose_path, effective_parameters
+from starcoder_serving.engine.path_choice import Route, choose_path
+from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.settings import ServingSettings
-from starcoder_serving.text.stop_sequences import StopSequenceMatcher
+from starcoder_serving.text.assembler import Completion, CompletionCallback, TextAssembler, TextDelta
+from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate
+
+__all__ = ["Completion", "CompletionCallback", "Engine", "TextDelta"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextDelta:
-    text: str
-    token_logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    token_logprobs: tuple[TokenLogprob, ...] = ()
-
-
-# Called with the final Completion once a stream ends (usage accounting, finish_reason).
-CompletionCallback = Callable[[Completion], None]
-
-
-class _TextAssembler:
-    """Token events to completion text: incremental detokenization, stop sequences, finish reason."""
-
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._matcher = StopSequenceMatcher(stop)
-        self._parts: list[str] = []
-        self._pending_logprobs: list[TokenLogprob] = []
-        self._all_logprobs: list[TokenLogprob] = []
-        self.completion_tokens = 0
-        self.reason: FinishReason | None = None
-
-    def feed(self, event: TokenEvent | DoneEvent) -> str:
-        """The text this event completes; sets ``reason`` when the completion is over."""
-        if isinstance(event, DoneEvent):
-            if event.error is not None:
-                raise event.error
-            tail = self._matcher.feed(self._detokenizer.flush())
-            text = tail.emit if tail.stopped else tail.emit + self._matcher.flush()
-            self.reason = FinishReason.STOP if tail.stopped else event.reason
-        else:
-            self.completion_tokens += 1
-            if event.logprob is not None:
-                self._pending_logprobs.append(event.logprob)
-                self._all_logprobs.append(event.logprob)
-            scan = self._matcher.feed(self._detokenizer.push(event.token_id))
-            text = scan.emit
-            if scan.stopped:
-                self.reason = FinishReason.STOP
-        self._parts.append(text)
-        return text
-
-    def take_pending_logprobs(self) -> tuple[TokenLogprob, ...]:
-        pending, self._pending_logprobs = tuple(self._pending_logprobs), []
-        return pending
-
-    def completion(self, prompt_tokens: int) -> Completion:
-        assert self.reason is not None
-        return Completion(
-            "".join(self._parts), self.reason, prompt_tokens, self.completion_tokens, tuple(self._all_logprobs)
-        )
 
 
 class Engine:
@@ -113,16 +52,16 @@ class Engine:
         self.eos_token_ids = frozenset(i for i in eos_ids if i is not None)
         self.chat = ChatRenderer(tokenizer, (data_dir / settings.chat_template_file).read_text(encoding="utf-8"))
         self.instructions = InstructionTemplate.load(data_dir / settings.instruction_template_file)
+        self._logits_size = int(model.get_output_embeddings().weight.shape[0])
         self._batched = self._start_batched_worker(model, settings) if settings.continuous_batching else None
         self._worker = GenerateWorker(
             model, set(self.eos_token_ids), pad_token_id=tokenizer.eos_token_id, model_access=self._batched
         )
         # Generation defaults as generate() resolves them (transformers' globals < the checkpoint's own),
         # so routing sees e.g. the top_k=50 that do_sample=True implies.
-        defaults = dict(model.generation_config._get_default_generation_params())
+        defaults = transformers_compat.default_generation_params(model.generation_config)
         defaults.update({k: v for k, v in model.generation_config.to_dict().items() if v is not None})
-        self._generation_defaults = defaults
-        self._logits_size = int(model.get_output_embeddings().weight.shape[0])
+        self._generation_defaults = SamplingParams.inheritable(defaults)
         self._admitted = 0
         self._tokenize_lock = threading.Lock()
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
@@ -130,9 +69,9 @@ class Engine:
     def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
         """Two paths share one model; see batch_worker.py for why that is safe:
 
-        * requests the batch can honour exactly (path_choice.py) join the continuous batch;
-        * the rest run through GenerateWorker's generate(), which parks the batch loop (manager.pause)
-          for each of its steps and lets the batch take one step in between.
+        * every request but beam search joins the continuous batch (path_choice.py);
+        * beam search runs through GenerateWorker's generate(), which parks the batch loop
+          (manager.pause) for each of its steps and lets the batch take one step in between.
         """
         from starcoder_serving.engine.batch_worker import BatchedWorker
 
@@ -145,6 +84,8 @@ class Engine:
         return BatchedWorker(
             model,
             eos_token_ids=set(self.eos_token_ids),
+            vocab_size=self._logits_size,
+            max_requests=settings.max_queued_requests,
             max_batch_sequences=settings.max_batch_sequences,
             max_batch_tokens=max_batch_tokens,
             kv_num_blocks=num_blocks,
@@ -189,18 +130,10 @@ class Engine:
         with self._tokenize_lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def plan(
-        self,
-        prompt_ids: list[int],
-        parameters: dict[str, Any],
-        stop: list[str] | tuple[str, ...] = (),
-        seed: int | None = None,
-        top_logprobs: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-    ) -> GenerationPlan:
+    def plan(self, prompt_ids: list[int], sampling: SamplingParams) -> list[GenerationPlan]:
+        """One plan per sequence (``n`` of them), with every limit checked: what can be refused is refused
+        here, before any token is generated. Messages use transformers' names; routes rename them."""
         settings = self.settings
-        kwargs = dict(parameters)
         prompt_tokens = len(prompt_ids)
         if prompt_tokens == 0:
             raise InvalidRequest("The prompt encodes to no tokens; send some text.", param="prompt")
@@ -211,64 +144,75 @@ class Engine:
                 "window; shorten it so there is room to generate.",
                 param="prompt",
             )
-        max_length = kwargs.pop("max_length", None)
-        max_new_tokens = kwargs.pop("max_new_tokens", None)
-        if max_new_tokens is None and max_length is not None:  # as in transformers, max_new_tokens wins
-            max_new_tokens = max_length - prompt_tokens
+        max_new_tokens, length_param = sampling.max_new_tokens, "max_new_tokens"
+        if max_new_tokens is None and sampling.max_length is not None:  # as in transformers, max_new_tokens wins
+            max_new_tokens, length_param = sampling.max_length - prompt_tokens, "max_length"
             if max_new_tokens <= 0:
                 raise InvalidRequest(
-                    f"`max_length` ({max_length}) counts the prompt, which already has {prompt_tokens} tokens; "
-                    f"send a larger max_length or use max_new_tokens.",
+                    f"`max_length` ({sampling.max_length}) counts the prompt, which already has {prompt_tokens} "
+                    "tokens; send a larger max_length or use max_new_tokens.",
                     param="max_length",
                 )
         if max_new_tokens is None:
             max_new_tokens = min(settings.default_max_new_tokens, room)
         if max_new_tokens > settings.max_new_tokens_cap:
             raise InvalidRequest(
-                f"`max_new_tokens` is {max_new_tokens}, above this server's cap of {settings.max_new_tokens_cap}; "
-                f"send at most {settings.max_new_tokens_cap}.",
-                param="max_new_tokens",
+                f"`{length_param}` asks for {max_new_tokens} new tokens, above this server's cap of "
+                f"{settings.max_new_tokens_cap}; send at most {settings.max_new_tokens_cap} new tokens.",
+                param=length_param,
             )
         if prompt_tokens + max_new_tokens > self.context_window:
             raise InvalidRequest(
                 f"The prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were requested: "
                 f"{prompt_tokens + max_new_tokens} > the {self.context_window}-token context window. Send "
-                f"max_new_tokens <= {room} or a shorter prompt.",
-                param="max_new_tokens",
+                f"{length_param} <= {room if length_param == 'max_new_tokens' else self.context_window} "
+                "or a shorter prompt.",
+                param=length_param,
             )
-        min_length = kwargs.pop("min_length", None)
-        if min_length is not None and "min_new_tokens" not in kwargs:
-            kwargs["min_new_tokens"] = max(0, min_length - prompt_tokens)
-        if kwargs.get("min_new_tokens", 0) > max_new_tokens:
+        min_new_tokens = sampling.min_new_tokens
+        if sampling.min_length is not None and "min_new_tokens" not in sampling.model_fields_set:
+            min_new_tokens = max(0, sampling.min_length - prompt_tokens)
+        if min_new_tokens > max_new_tokens:
             raise InvalidRequest(
-                f"`min_new_tokens` ({kwargs['min_new_tokens']}) exceeds max_new_tokens ({max_new_tokens}).",
+                f"`min_new_tokens` ({min_new_tokens}) exceeds max_new_tokens ({max_new_tokens}).",
                 param="min_new_tokens",
             )
-        if kwargs.get("num_beams", 1) > settings.max_num_beams:
+        if sampling.num_beams > settings.max_num_beams:
             raise InvalidRequest(f"`num_beams` must be <= {settings.max_num_beams}.", param="num_beams")
-        for name, ids in token_ids_in(kwargs).items():
+        self._check_fan_out(sampling.with_model_defaults(self._generation_defaults))
+        for name, ids in sampling.token_ids().items():
             bad = [i for i in ids if i >= self.vocab_size]
             if bad:
                 raise InvalidRequest(
                     f"`{name}` names token ids {bad[:5]} outside the vocabulary (0..{self.vocab_size - 1}).",
                     param=name,
                 )
+        self._check_stop(sampling.stop)
         try:
-            check_with_transformers({**kwargs, "max_new_tokens": max_new_tokens})
+            sampling.model_copy(update={"max_new_tokens": max_new_tokens}).check_with_transformers()
         except ValueError as exc:
             message = str(exc).split("\nIf you're using a pretrained model")[0].strip()
             raise InvalidRequest(f"Invalid generation parameters: {message}") from None
-        self._check_stop(stop)
-        return GenerationPlan(
-            prompt_ids=list(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            generation_kwargs=kwargs,
-            stop=tuple(stop),
-            seed=seed,
-            top_logprobs=top_logprobs,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
+        resolved = sampling.with_model_defaults(self._generation_defaults).model_copy(
+            update={
+                "max_new_tokens": max_new_tokens,
+                "max_length": None,
+                "min_new_tokens": min_new_tokens,
+                "min_length": None,
+            }
         )
+        return [GenerationPlan(list(prompt_ids), resolved.for_sequence(i)) for i in range(sampling.n)]
+
+    def _check_fan_out(self, sampling: SamplingParams) -> None:
+        limit = self.settings.max_num_return_sequences
+        if sampling.n > limit:
+            raise InvalidRequest(f"`num_return_sequences` must be <= {limit}.", param="num_return_sequences")
+        if sampling.n > 1 and (sampling.greedy or sampling.beam_search):
+            raise InvalidRequest(
+                "`num_return_sequences` > 1 needs sampling (and no num_beams): with greedy decoding or beam "
+                "search every sequence would be the same. Send a temperature > 0 / do_sample true, or n = 1.",
+                param="num_return_sequences",
+            )
 
     def _check_stop(self, stop: list[str] | tuple[str, ...]) -> None:
         settings = self.settings
@@ -292,30 +236,19 @@ class Engine:
 
     def _admit(self, plan: GenerationPlan) -> Job:
         self.check_capacity()
-        params = effective_parameters(self._generation_defaults, plan.generation_kwargs)
-        route = self._route(plan, params)
+        route = self.route(plan)
         self._admitted += 1
         self.routed[route.path] += 1
         job = Job(plan, asyncio.get_running_loop(), path=route.path.value)
         if route.path is GenerationPath.BATCHED:
-            self._batched.submit(job, batched_sampling_kwargs(params, self._logits_size))
+            self._batched.submit(job)
         else:
             self._worker.submit(job)
         return job
 
     def route(self, plan: GenerationPlan) -> Route:
         """Which path (continuous batch or lone generate()) serves this plan, and why."""
-        return self._route(plan, effective_parameters(self._generation_defaults, plan.generation_kwargs))
-
-    def _route(self, plan: GenerationPlan, params: dict[str, Any]) -> Route:
-        return choose_path(
-            params,
-            seed=plan.seed,
-            top_logprobs=plan.top_logprobs,
-            additive_penalties=bool(plan.presence_penalty or plan.frequency_penalty),
-            continuous_batching=self._batched is not None,
-            request_keys=set(plan.generation_kwargs),
-        )
+        return choose_path(plan.sampling, continuous_batching=self._batched is not None)
 
     @property
     def requests_in_progress(self) -> int:
@@ -330,7 +263,7 @@ class Engine:
         cuts the per-chunk cost (HTTP writes, SSE events) without delaying anything when idle.
         """
         job = self._admit(plan)
-        text = _TextAssembler(self.tokenizer, plan.stop)
+        text = TextAssembler(self.tokenizer, plan.stop)
         started = time.perf_counter()
         try:
             while text.reason is None:

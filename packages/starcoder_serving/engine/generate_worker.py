@@ -1,6 +1,7 @@
-"""The thread that owns the model and runs plain ``model.generate()``, one request at a time.
+"""The thread that runs plain ``model.generate()``, one request at a time: beam search, and everything
+when continuous batching is off.
 
-Serves every GenerationConfig parameter (beam search included). Tokens reach the request's event
+Serves every sampling parameter (beam search included). Tokens reach the request's event
 queue through a transformers streamer as they are produced; a stopping criterion polls the job's
 cancel flag every step, so a cancelled request stops within one token.
 """
@@ -18,8 +19,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from starcoder_serving.errors import GenerationFailed, Overloaded
 from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
+from starcoder_serving.errors import GenerationFailed, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,27 @@ class AdditivePenalties(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+
+
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: a fixed amount added to chosen tokens' logits."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self._ids = list(bias)
+        self._values = list(bias.values())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids = torch.tensor(self._ids, dtype=torch.long, device=scores.device)
+        values = torch.tensor(self._values, dtype=scores.dtype, device=scores.device)
+        return scores.index_add(1, ids, values.expand(scores.shape[0], -1))
+
+
+class _CleanRows(LogitsProcessor):
+    """Extreme but valid values (a 1e-30 repetition penalty) overflow logits: NaN -> -inf, +inf -> the
+    largest float, so sampling and beam scores stay defined (the batch does the same)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -158,20 +180,20 @@ class GenerateWorker:
         plan = job.plan
         recorder = _LogprobRecorder() if plan.top_logprobs is not None else None
         forwarder = _TokenForwarder(job, recorder)
-        beam_search = plan.generation_kwargs.get("num_beams", 1) > 1
+        sampling = plan.sampling
+        beam_search = sampling.beam_search
         access = self._model_access
         criteria = [_CancelCriterion(job)] + ([_YieldCriterion(access)] if access is not None else [])
         try:
             input_ids = torch.tensor([plan.prompt_ids], dtype=torch.long, device=self._model.device)
             with access.exclusive() if access is not None else contextlib.nullcontext(), torch.inference_mode():
-                if plan.seed is not None:
-                    # Seeds CUDA too. Safe: this thread runs one job at a time, and the batch loop (which
-                    # shares the global RNG) only steps in yield_to_batch, which restores the RNG state.
-                    torch.manual_seed(plan.seed)
+                if sampling.seed is not None:
+                    # Seeds CUDA too. Safe: this thread runs one job at a time, and the batch loop
+                    # only steps in yield_to_batch, which restores the RNG state.
+                    torch.manual_seed(sampling.seed)
                 output = self._model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=plan.max_new_tokens,
                     # Every end token the engine knows (StarCoder2's <file_sep> too), not only the checkpoint's.
                     eos_token_id=sorted(self._eos_token_ids),
                     pad_token_id=self._pad_token_id,
@@ -179,7 +201,7 @@ class GenerateWorker:
                     streamer=None if beam_search else forwarder,
                     stopping_criteria=StoppingCriteriaList(criteria),
                     logits_processor=self._logits_processors(plan, recorder),
-                    **plan.generation_kwargs,
+                    **sampling.generate_kwargs(),
                 )
             if beam_search:
                 # One sequence of one prompt: nothing is padded, every id was generated.
@@ -211,13 +233,20 @@ class GenerateWorker:
             )
 
     @staticmethod
-    def _logits_processors(plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList | None:
+    def _logits_processors(plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList:
+        """Ours run after transformers' own (which generate() builds from the GenerationConfig)."""
+        sampling = plan.sampling
         processors: list[LogitsProcessor] = []
-        if plan.presence_penalty or plan.frequency_penalty:
-            processors.append(AdditivePenalties(plan.prompt_tokens, plan.presence_penalty, plan.frequency_penalty))
+        if sampling.logit_bias:
+            processors.append(LogitBias(sampling.logit_bias))
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            processors.append(
+                AdditivePenalties(plan.prompt_tokens, sampling.presence_penalty, sampling.frequency_penalty)
+            )
+        processors.append(_CleanRows())
         if recorder is not None:  # last: it records the distribution actually sampled from
             processors.append(recorder)
-        return LogitsProcessorList(processors) if processors else None
+        return LogitsProcessorList(processors)
 
     def _finish_reason(self, job: Job, forwarder: _TokenForwarder) -> FinishReason:
         if job.cancelled.is_set():

@@ -7,7 +7,8 @@ import dataclasses
 import enum
 import itertools
 import threading
-from typing import Any
+
+from starcoder_serving.engine.sampling_params import SamplingParams
 
 
 class FinishReason(str, enum.Enum):
@@ -19,22 +20,32 @@ class FinishReason(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationPlan:
-    """A validated request, in token space, ready for the model."""
+    """One sequence of a validated request, in token space, ready for either worker.
+
+    ``sampling`` is resolved: one sequence (``n`` = 1, its own seed), ``max_new_tokens`` set, and
+    ``max_length`` / ``min_length`` turned into new-token counts for this prompt.
+    """
 
     prompt_ids: list[int]
-    max_new_tokens: int
-    # Remaining transformers GenerationConfig parameters (never max_length/min_length: resolved).
-    generation_kwargs: dict[str, Any]
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    top_logprobs: int | None = None  # None: no logprobs; 0: only the chosen token's
-    # OpenAI's additive penalties on tokens already generated (not on the prompt); 0 = off.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    sampling: SamplingParams
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def max_new_tokens(self) -> int:
+        assert self.sampling.max_new_tokens is not None
+        return self.sampling.max_new_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.sampling.stop
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """None: no logprobs; 0: only the chosen token's; k: also the k most likely."""
+        return self.sampling.logprobs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,458 @@
+"""Every request's sampling parameters, applied row by row inside the continuous batch.
+
+transformers' continuous batching serves temperature, top-k and top-p per request and nothing else.
+``BatchSampler`` replaces its logits processing with one ``ContinuousBatchingLogitsProcessor`` (their
+public extension point) that serves everything ``SamplingParams`` holds except beam search:
+
+* **Slots.** Each request in the batch owns a slot: a row of per-request state held in fixed tensors
+  (its parameters, token counts, masks, step counter). The processor's per-request tensor argument
+  is the slot index, so the forward pass reads parameters with a gather and no Python loop; the
+  state lives in the same tensors from step to step, which keeps CUDA graphs possible.
+* **Order.** Rows are processed in transformers' own order (logit bias, repetition penalty,
+  presence/frequency penalties, n-gram and bad-word bans, min_new_tokens, the exponential decay,
+  suppressed tokens; then, for sampled rows only, temperature, top-k, top-p, min-p, typical,
+  epsilon, eta), so greedy output equals ``generate()``'s token for token.
+* **Sampling without a shared RNG.** The manager runs greedy (argmax); a sampled row adds Gumbel
+  noise to its warped logits, and argmax(logits + Gumbel) is a sample of softmax(logits). The noise
+  is a counter-based hash of (seed, step, token id): a seeded request draws the same sample whatever
+  else is in the batch, and nothing here touches torch's global RNG.
+* **Isolation.** Every operation is row-local. Non-finite values are cleaned in their own row
+  (NaN -> -inf, +inf -> the largest float); a temperature below ``GREEDY_TEMPERATURE`` is greedy;
+  a row left with no finite logit (every token banned) ends with an end token and its request is
+  marked faulted, failing that request alone.
+
+History-dependent state (repetition and presence/frequency counts, the step counter) is updated on
+the device from the token this processor chooses, so it needs no host round trip per step. N-gram
+and multi-token bad-word bans are computed on the host from the request's tokens (rare parameters,
+their rows only). Both need the previous step's token before the next step is prepared, which is
+true of synchronous batching (the only mode the engine enables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+import torch
+
+from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
+from starcoder_serving.engine.sampling_params import MAX_TOP_LOGPROBS
+from starcoder_serving.engine.transformers_compat import BatchRequest, ContinuousBatchingLogitsProcessor
+
+_NEG_INF = float("-inf")
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for 0 <= x < 2**32 in int64, without signed overflow."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer: every input bit affects every output bit."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, token_mix: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise of shape [rows, vocab], a pure function of (seed, step, token id).
+
+    ``seed``: int64 [rows] (63-bit); ``step``: int64 [rows]; ``token_mix``: int64 [vocab], the hashed
+    token ids. Integer arithmetic is exact, so the noise is the same on any device and in any batch.
+    """
+    seed_low, seed_high = seed & _MASK32, (seed >> 32) & _MASK32
+    key = _fmix32(seed_low ^ _fmix32(seed_high ^ _mul32(step & _MASK32, 0x9E3779B1)))
+    bits = _fmix32(key.unsqueeze(-1) ^ token_mix)
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+def banned_by_ngrams(tokens: Sequence[int], size: int) -> list[int]:
+    """Tokens that would repeat an n-gram of ``tokens`` (transformers' NoRepeatNGramLogitsProcessor)."""
+    if size <= 0 or len(tokens) + 1 < size:
+        return []
+    prefix = tuple(tokens[len(tokens) - size + 1 :]) if size > 1 else ()
+    return [tokens[i + size - 1] for i in range(len(tokens) - size + 1) if tuple(tokens[i : i + size - 1]) == prefix]
+
+
+def banned_by_bad_words(tokens: Sequence[int], words: Iterable[tuple[int, ...]]) -> list[int]:
+    """Last tokens of multi-token bad words whose other tokens end ``tokens`` (NoBadWordsLogitsProcessor)."""
+    banned = []
+    for word in words:
+        if len(word) > 1 and len(tokens) >= len(word) - 1 and tuple(tokens[len(tokens) - len(word) + 1 :]) == word[:-1]:
+            banned.append(word[-1])
+    return banned
+
+
+@dataclasses.dataclass
+class _Features:
+    """Which row operations some row of this step needs. Without CUDA graphs the others are skipped
+    (they are the identity for every row of the step); with graphs every operation always runs."""
+
+    bias: bool = False
+    repetition: bool = False
+    additive: bool = False
+    dynamic_bans: bool = False
+    min_new_tokens: bool = False
+    decay: bool = False
+    banned: bool = False
+    begin_banned: bool = False
+    sampled: bool = False
+    sorted_warpers: bool = False
+    min_p: bool = False
+    typical: bool = False
+    cutoffs: bool = False
+    logprobs: bool = False
+
+    @classmethod
+    def everything(cls) -> _Features:
+        return cls(**{field.name: True for field in dataclasses.fields(cls)})
+
+    def add(self, plan: GenerationPlan) -> None:
+        p = plan.sampling
+        self.bias |= bool(p.logit_bias)
+        self.repetition |= p.repetition_penalty != 1.0
+        self.additive |= bool(p.presence_penalty or p.frequency_penalty)
+        self.dynamic_bans |= bool(p.no_repeat_ngram_size) or any(len(w) > 1 for w in p.bad_words_ids)
+        self.min_new_tokens |= p.min_new_tokens > 0
+        self.decay |= p.exponential_decay_length_penalty is not None
+        self.banned |= bool(p.suppress_tokens) or any(len(w) == 1 for w in p.bad_words_ids)
+        self.begin_banned |= bool(p.begin_suppress_tokens)
+        self.logprobs |= p.logprobs is not None
+        if not p.greedy:
+            self.sampled = True
+            self.sorted_warpers |= p.top_k > 0 or p.top_p < 1.0
+            self.min_p |= p.min_p > 0.0
+            self.typical |= p.typical_p < 1.0
+            self.cutoffs |= p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0
+
+
+class _SlotTable:
+    """request id -> slot. Allocated on the batch thread; released from any thread, and freed only once
+    the request can no longer be in a batch being prepared."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = list(range(slots - 1, -1, -1))
+        self.of: dict[str, int] = {}
+        self._released: list[str] = []
+        self._lock = threading.Lock()
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._released.append(request_id)
+
+    def collect(self, in_batch: set[str]) -> None:
+        with self._lock:
+            released, self._released = self._released, []
+        for request_id in released:
+            if request_id in in_batch:  # cancelled after this batch was scheduled: free it next step
+                self.release(request_id)
+            elif (slot := self.of.pop(request_id, None)) is not None:
+                self._free.append(slot)
+
+    def allocate(self, request_id: str) -> int:
+        slot = self._free.pop()  # slots >= requests the engine admits, so never empty
+        self.of[request_id] = slot
+        return slot
+
+    def clear(self) -> None:
+        with self._lock:
+            self._released.clear()
+        self._free.extend(self.of.values())
+        self.of.clear()
+
+
+class BatchSampler(ContinuousBatchingLogitsProcessor):
+    """The continuous batch's only logits processor; see the module docstring."""
+
+    # The manager type-checks the per-request keyword arguments of ``add_request`` against these.
+    supported_kwargs: ClassVar[dict[str, type]] = {"plan": GenerationPlan}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_requests: int,
+        eos_token_ids: Sequence[int],
+        device: torch.device,
+        static_graph: bool = False,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self._device = device
+        self._static_graph = static_graph
+        self._eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
+        self._first_eos = int(self._eos[0])
+        slots = max_requests + 1  # the last one is the padding rows' slot, never allocated
+        self._spare = slots - 1
+        self._slots = _SlotTable(self._spare)
+        self._plans: dict[int, GenerationPlan] = {}
+        self._features = _Features.everything()
+
+        def rows(dtype: torch.dtype, fill: float | bool) -> torch.Tensor:
+            return torch.full((slots,), fill, dtype=dtype, device=device)
+
+        def table(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros((slots, vocab_size), dtype=dtype, device=device)
+
+        # Per-slot parameters; the spare slot keeps the "off" values (greedy, no penalty).
+        self._greedy = rows(torch.bool, True)
+        self._temperature = rows(torch.float32, 1.0)
+        self._top_k = rows(torch.long, vocab_size)
+        self._top_p = rows(torch.float32, 1.0)
+        self._min_p = rows(torch.float32, 0.0)
+        self._typical_p = rows(torch.float32, 1.0)
+        self._epsilon = rows(torch.float32, 0.0)
+        self._eta = rows(torch.float32, 0.0)
+        self._repetition = rows(torch.float32, 1.0)
+        self._presence = rows(torch.float32, 0.0)
+        self._frequency = rows(torch.float32, 0.0)
+        self._min_new = rows(torch.long, 0)
+        self._decay_start = rows(torch.long, 2**62)
+        self._decay_factor = rows(torch.float32, 1.0)
+        self._seed = rows(torch.long, 0)
+        self._steps = rows(torch.long, 0)
+        self._faulted = rows(torch.bool, False)
+        # Per-slot vocabulary-sized state.
+        self._bias = table(torch.float32)
+        self._banned = table(torch.bool)
+        self._begin_banned = table(torch.bool)
+        self._dynamic_banned = table(torch.bool)
+        self._occurs = table(torch.bool)  # prompt and generated tokens: repetition penalty
+        self._counts = table(torch.float32)  # generated tokens: presence/frequency penalties
+        # The chosen token's logprob and the top ones, per slot, read by the host after each step.
+        self._logprob_values = torch.zeros((slots, 1 + MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
+        self._logprob_ids = torch.zeros((slots, MAX_TOP_LOGPROBS), dtype=torch.long, device=device)
+        self._token_mix = _mul32(torch.arange(vocab_size, dtype=torch.long, device=device), 0x27D4EB2F)
+        self._arange = torch.arange(vocab_size, device=device)
+
+    # ---- the host side: slots and their state (the batch thread, before each forward) ----
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(self._spare)  # padding rows read the spare slot
+
+    def prepare_tensor_args(self, requests_with_new_token: list[BatchRequest]) -> torch.Tensor:
+        states = [request.state for request in requests_with_new_token]
+        self._slots.collect({state.request_id for state in states})
+        features = _Features.everything() if self._static_graph else _Features()
+        slots: list[int] = []
+        for state in states:
+            slot = self._slots.of.get(state.request_id)
+            plan: GenerationPlan = state.logit_processor_kwargs["plan"]
+            if slot is None:
+                slot = self._slots.allocate(state.request_id)
+                self._start(slot, plan)
+            if not self._static_graph:
+                features.add(plan)
+            self._update_dynamic_bans(slot, plan, state.generated_tokens)
+            slots.append(slot)
+        self._features = features
+        return torch.tensor(slots, dtype=torch.int32)
+
+    def _start(self, slot: int, plan: GenerationPlan) -> None:
+        """Write a new request's parameters into its slot."""
+        p = plan.sampling
+        self._plans[slot] = plan
+        greedy = p.greedy
+        self._greedy[slot] = greedy
+        self._temperature[slot] = 1.0 if greedy else p.temperature
+        self._top_k[slot] = self.vocab_size if greedy or p.top_k <= 0 else min(p.top_k, self.vocab_size)
+        self._top_p[slot] = 1.0 if greedy else p.top_p
+        self._min_p[slot] = 0.0 if greedy else p.min_p
+        self._typical_p[slot] = 1.0 if greedy else p.typical_p
+        self._epsilon[slot] = 0.0 if greedy else p.epsilon_cutoff
+        self._eta[slot] = 0.0 if greedy else p.eta_cutoff
+        self._repetition[slot] = p.repetition_penalty
+        self._presence[slot] = p.presence_penalty
+        self._frequency[slot] = p.frequency_penalty
+        self._min_new[slot] = p.min_new_tokens
+        decay = p.exponential_decay_length_penalty
+        self._decay_start[slot] = 2**62 if decay is None else decay[0]
+        self._decay_factor[slot] = 1.0 if decay is None else decay[1]
+        self._seed[slot] = p.seed or 0
+        self._steps[slot] = 0
+        self._faulted[slot] = False
+        for tensor in (self._bias, self._banned, self._begin_banned, self._dynamic_banned, self._occurs, self._counts):
+            tensor[slot].zero_()
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=self._device)
+            self._bias[slot, ids] = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=self._device)
+        banned = [*p.suppress_tokens, *(word[0] for word in p.bad_words_ids if len(word) == 1)]
+        if banned:
+            self._banned[slot, torch.tensor(banned, dtype=torch.long, device=self._device)] = True
+        if p.begin_suppress_tokens:
+            self._begin_banned[slot, torch.tensor(p.begin_suppress_tokens, dtype=torch.long, device=self._device)] = (
+                True
+            )
+        if p.repetition_penalty != 1.0:
+            self._occurs[slot, torch.tensor(plan.prompt_ids, dtype=torch.long, device=self._device)] = True
+
+    def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, generated: list[int]) -> None:
+        p = plan.sampling
+        if not p.no_repeat_ngram_size and not any(len(word) > 1 for word in p.bad_words_ids):
+            return
+        tokens = [*plan.prompt_ids, *generated]
+        banned = banned_by_ngrams(tokens, p.no_repeat_ngram_size) + banned_by_bad_words(tokens, p.bad_words_ids)
+        row = self._dynamic_banned[slot]
+        row.zero_()
+        if banned:
+            row[torch.tensor(banned, dtype=torch.long, device=self._device)] = True
+
+    def release(self, request_id: str) -> None:
+        """The request is over (any thread): its slot is reused once no batch can still hold it."""
+        self._slots.release(request_id)
+
+    def slot_of(self, request_id: str) -> int | None:
+        return self._slots.of.get(request_id)
+
+    def reset(self) -> None:
+        """After the batch loop restarted: every request it held has been failed."""
+        self._slots.clear()
+        self._plans.clear()
+
+    # ---- reading results (the batch thread, after a step) ----
+
+    def read_logprobs(self, slots: list[int]) -> dict[int, TokenLogprob]:
+        """The latest step's logprob entries of these slots (one host copy for all of them)."""
+        if not slots:
+            return {}
+        index = torch.tensor(slots, dtype=torch.long, device=self._device)
+        values = self._logprob_values.index_select(0, index).tolist()
+        ids = self._logprob_ids.index_select(0, index).tolist()
+        out: dict[int, TokenLogprob] = {}
+        for slot, row_values, row_ids in zip(slots, values, ids):
+            k = self._plans[slot].sampling.logprobs or 0
+            out[slot] = TokenLogprob(-1, row_values[0], tuple(zip(row_ids[:k], row_values[1 : k + 1])))
+        return out
+
+    def faulted(self, slot: int) -> bool:
+        return bool(self._faulted[slot])
+
+    # ---- the device side: one call per forward pass, rows = requests with a new token ----
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        f = self._features
+        slots = tensor_arg[: scores.size(0)].long()
+        x = scores
+        if f.bias:
+            x = x + self._bias[slots]
+        if f.repetition:
+            penalty = self._repetition[slots].unsqueeze(-1)
+            x = torch.where(self._occurs[slots], torch.where(x < 0, x * penalty, x / penalty), x)
+        if f.additive:
+            counts = self._counts[slots]
+            x = x - self._frequency[slots].unsqueeze(-1) * counts - self._presence[slots].unsqueeze(-1) * (counts > 0)
+        if f.dynamic_bans:
+            x = x.masked_fill(self._dynamic_banned[slots], _NEG_INF)
+        steps = self._steps[slots]
+        if f.min_new_tokens:
+            too_short = (steps < self._min_new[slots]).unsqueeze(-1)
+            x = x.index_copy(1, self._eos, torch.where(too_short, _NEG_INF, x[:, self._eos]))
+        if f.decay:
+            x = self._decay(x, slots, steps)
+        if f.banned:
+            x = x.masked_fill(self._banned[slots], _NEG_INF)
+        if f.begin_banned:
+            x = x.masked_fill(self._begin_banned[slots] & (steps == 0).unsqueeze(-1), _NEG_INF)
+        x = _clean(x)
+        greedy = self._greedy[slots]
+        if f.sampled:
+            x = torch.where(greedy.unsqueeze(-1), x, self._warp(x, slots, f))
+        dead = ~torch.isfinite(x).any(dim=-1)  # every token banned: end this row, fail its request
+        x = torch.where(dead.unsqueeze(-1), self._end_row(x), x)
+        final = x
+        if f.sampled:
+            noise = gumbel_noise(self._seed[slots], steps, self._token_mix)
+            final = torch.where(greedy.unsqueeze(-1), x, x + noise)
+        chosen = final.argmax(dim=-1)  # what the manager's own argmax will pick
+        if f.logprobs:
+            self._record_logprobs(x, slots, chosen)
+        self._steps.index_add_(0, slots, torch.ones_like(slots))
+        if f.repetition:
+            self._occurs[slots, chosen] = True
+        if f.additive:
+            self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
+        self._faulted[slots] = self._faulted[slots] | dead
+        return final
+
+    def _decay(self, x: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """transformers' ExponentialDecayLengthPenalty: after ``start`` new tokens, raise the end tokens'
+        scores by (factor ** (steps - start) - 1) * |score|."""
+        past = (steps - self._decay_start[slots]).clamp(min=0)
+        factor = torch.pow(self._decay_factor[slots].double(), past.double()).float() - 1.0
+        eos = x[:, self._eos]
+        penalty = (eos.abs() * factor.unsqueeze(-1)).masked_fill(~torch.isfinite(eos), 0.0)
+        penalty = torch.where((past > 0).unsqueeze(-1), penalty, torch.zeros_like(penalty))
+        return x.index_copy(1, self._eos, eos + penalty)
+
+    def _warp(self, x: torch.Tensor, slots: torch.Tensor, f: _Features) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p, typical, epsilon and eta, in transformers' order."""
+        x = _clean(x / self._temperature[slots].unsqueeze(-1))
+        if f.sorted_warpers:
+            ascending, order = torch.sort(x, dim=-1)
+            # top-k: keep the k largest (positions >= vocab - k in ascending order).
+            kth = (self.vocab_size - self._top_k[slots]).unsqueeze(-1)
+            ascending = ascending.masked_fill(self._arange.unsqueeze(0) < kth, _NEG_INF)
+            # top-p: drop the tokens whose cumulative probability from the bottom is <= 1 - top_p (keep >= 1).
+            cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= (1 - self._top_p[slots]).unsqueeze(-1)
+            drop[:, -1] = False
+            ascending = ascending.masked_fill(drop, _NEG_INF)
+            x = torch.empty_like(x).scatter_(-1, order, ascending)
+        if f.min_p:
+            probs = x.softmax(dim=-1)
+            threshold = self._min_p[slots].unsqueeze(-1) * probs.amax(dim=-1, keepdim=True)
+            x = x.masked_fill((probs < threshold) & (x < x.amax(dim=-1, keepdim=True)), _NEG_INF)
+        if f.typical:
+            x = self._typical(x, slots)
+        if f.cutoffs:
+            x = _cut_below(x, self._epsilon[slots])
+            # eta: the cutoff shrinks with the entropy of what epsilon left (EtaLogitsWarper).
+            entropy = -(x.softmax(dim=-1) * x.log_softmax(dim=-1)).nan_to_num(0.0).sum(dim=-1)
+            eta = self._eta[slots]
+            x = _cut_below(x, torch.minimum(eta, eta.sqrt() * torch.exp(-entropy)))
+        return x
+
+    def _typical(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """transformers' TypicalLogitsWarper, row by row (mass 1.0 keeps every token)."""
+        normalized = x.log_softmax(dim=-1)
+        entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)
+        shifted = (-normalized - entropy).abs().nan_to_num(float("inf"))
+        sorted_shifted, order = torch.sort(shifted, dim=-1)
+        cumulative = x.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        mass = self._typical_p[slots].unsqueeze(-1)
+        last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=self.vocab_size - 1)
+        remove_sorted = (sorted_shifted > sorted_shifted.gather(-1, last)) & (mass < 1.0)
+        remove_sorted[:, 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
+        return x.masked_fill(remove, _NEG_INF)
+
+    def _end_row(self, x: torch.Tensor) -> torch.Tensor:
+        row = torch.full_like(x, _NEG_INF)
+        row[:, self._first_eos] = 0.0
+        return row
+
+    def _record_logprobs(self, x: torch.Tensor, slots: torch.Tensor, chosen: torch.Tensor) -> None:
+        """The distribution sampled from (after the warpers, before the noise), as generate()'s recorder sees it."""
+        logprobs = x.log_softmax(dim=-1)
+        top_values, top_ids = logprobs.topk(min(MAX_TOP_LOGPROBS, self.vocab_size), dim=-1)
+        self._logprob_values[slots, 0] = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        self._logprob_values[slots, 1 : 1 + top_values.size(-1)] = top_values
+        self._logprob_ids[slots, : top_ids.size(-1)] = top_ids
+
+
+def _clean(x: torch.Tensor) -> torch.Tensor:
+    """Row-local: NaN -> -inf (never chosen), +inf -> the largest float (still the maximum, no NaN later)."""
+    return torch.nan_to_num(x, nan=_NEG_INF, posinf=torch.finfo(x.dtype).max, neginf=_NEG_INF)
+
+
+def _cut_below(x: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below the row's cutoff, always keeping the most likely one."""
+    below = x.softmax(dim=-1) < cutoff.unsqueeze(-1)
+    return x.masked_fill(below & (x < x.amax(dim=-1, keepdim=True)), _NEG_INF)

@@ -1,0 +1,89 @@
+"""Every use of transformers internals (private attributes, unexported classes), in one place.
+
+The continuous batch is built on transformers' ``ContinuousBatchingManager``. Where its public API
+is enough (``init_continuous_batching``, ``add_request``, ``cancel_request``, ``pause``, ``start``,
+``stop``) we use it directly; what it does not expose is reached only through the functions below,
+each checked by a contract test (``tests/test_transformers_compat.py``) that names the pinned version,
+so an upgrade that moves one of them fails loudly in CI instead of misbehaving in production.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import transformers
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
+from transformers.generation.continuous_batching.continuous_api import OutputRouter
+from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
+from transformers.generation.logits_process import LogitsProcessorList
+
+PINNED_TRANSFORMERS = "5.23.0"
+
+# The names other modules import from here rather than from transformers' private modules.
+BatchRequest = FutureRequestState  # a request as one batch step sees it (``.state`` is its RequestState)
+__all__ = [
+    "PINNED_TRANSFORMERS",
+    "BatchRequest",
+    "ContinuousBatchingLogitsProcessor",
+    "GenerationOutput",
+    "OutputRouter",
+    "attention_implementation",
+    "default_generation_params",
+    "generation_thread",
+    "install_logits_processor",
+    "install_output_router",
+    "original_attention_implementation",
+    "wake_up_event",
+]
+
+
+def installed_version() -> str:
+    return transformers.__version__
+
+
+def install_logits_processor(manager: Any, processor: ContinuousBatchingLogitsProcessor) -> None:
+    """Make ``processor`` the manager's only logits processor, with one per-request tensor argument.
+
+    Must run before ``manager.start()``: the batch processor is built from ``manager.logit_processor``
+    when the loop starts. ``tensors_required`` is normally counted while converting transformers' own
+    warpers; ours is added directly, so it is set here.
+    """
+    processors = ContinuousBatchingLogitsProcessorList(
+        LogitsProcessorList([processor]), per_request_processors=False, drop_unsupported_processors=False
+    )
+    processors.tensors_required = 1
+    manager.logit_processor = processors
+
+
+def install_output_router(manager: Any, router: OutputRouter) -> None:
+    """Replace the manager's router (before ``start()``): the stock one delivers each step's outputs to
+    callbacks on *one* event loop, and our jobs each carry their own."""
+    manager.output_router = router
+
+
+def generation_thread(manager: Any) -> threading.Thread | None:
+    """The manager's background thread (to join it after a crash before restarting)."""
+    return manager._generation_thread
+
+
+def wake_up_event(manager: Any) -> threading.Event:
+    """The event that wakes the batch loop; needed to hand the loop one step between generate() steps."""
+    return manager._wake_up_loop
+
+
+def original_attention_implementation(manager: Any) -> str | None:
+    """The attention the model had before the manager switched it to a paged variant (None: not switched)."""
+    return manager._original_attn_impl
+
+
+def attention_implementation(model: Any) -> str:
+    return str(model.config._attn_implementation)
+
+
+def default_generation_params(generation_config: Any) -> dict[str, Any]:
+    """transformers' global generation defaults (top_k=50, ...) that generate() applies when unset."""
+    return dict(generation_config._get_default_generation_params())
