@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.errors import Overloaded
 from starcoder_serving.engine.jobs import FinishReason, GenerationPlan
 from starcoder_serving.engine.path_choice import Path as Route
-from starcoder_serving.engine.path_choice import batched_sampling_kwargs, choose_path, effective_parameters
+from starcoder_serving.engine.path_choice import choose_path
+from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.errors import Overloaded
 from starcoder_serving.settings import ServingSettings
 
 from tests.conftest import DATA_DIR, tiny_settings
@@ -44,7 +45,7 @@ def solo_engine(tiny_model_dir: Path) -> Iterator[Engine]:
 
 
 def _greedy(engine: Engine, prompt: str, max_new_tokens: int = 24, **extra: object) -> GenerationPlan:
-    return engine.plan(engine.tokenize(prompt), {"max_new_tokens": max_new_tokens, **extra})
+    return engine.plan(engine.tokenize(prompt), SamplingParams(max_new_tokens=max_new_tokens, **extra))[0]
 
 
 def _gather(engine: Engine, plans: list[GenerationPlan]) -> list[Completion]:
@@ -61,55 +62,39 @@ def _one(engine: Engine, plan: GenerationPlan) -> Completion:
 # ---- routing (pure) ----
 
 
-def test_routing_table() -> None:
-    greedy = {"do_sample": False, "num_beams": 1, "top_k": 50}
-    assert choose_path(greedy).path is Route.BATCHED
-    assert choose_path({**greedy, "max_new_tokens": 5}, seed=3).path is Route.BATCHED  # greedy ignores the seed
-    assert choose_path({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}).path is Route.BATCHED
-    generate_cases = [
-        ({"num_beams": 4}, {}),
-        ({"num_return_sequences": 2, "do_sample": True}, {}),
-        ({"do_sample": True}, {"seed": 1}),
-        ({}, {"top_logprobs": 0}),
-        ({"no_repeat_ngram_size": 2}, {}),
-        ({"bad_words_ids": [[5]]}, {}),
-        ({"suppress_tokens": [1]}, {}),
-        ({"begin_suppress_tokens": [1]}, {}),
-        ({"exponential_decay_length_penalty": (4, 1.5)}, {}),
-        ({"do_sample": True, "typical_p": 0.5}, {}),
-        ({"do_sample": True, "epsilon_cutoff": 0.01}, {}),
-        ({"do_sample": True, "eta_cutoff": 0.01}, {}),
-        ({"do_sample": True, "min_p": 0.1}, {}),
-        ({"min_new_tokens": 3}, {}),
-        ({"repetition_penalty": 1.3}, {}),
-        ({"max_time": 1.0}, {}),
-        ({"renormalize_logits": True}, {}),
-        ({"some_future_parameter": 1}, {}),
+def test_routing_table_only_beam_search_leaves_the_batch() -> None:
+    batched_cases = [
+        {},
+        {"seed": 3},
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "seed": 1},
+        {"do_sample": True, "n": 4},
+        {"logprobs": 0},
+        {"no_repeat_ngram_size": 2},
+        {"bad_words_ids": [[5]]},
+        {"suppress_tokens": [1], "begin_suppress_tokens": [1]},
+        {"exponential_decay_length_penalty": (4, 1.5)},
+        {"do_sample": True, "typical_p": 0.5, "epsilon_cutoff": 0.01, "eta_cutoff": 0.01, "min_p": 0.1},
+        {"min_new_tokens": 3},
+        {"repetition_penalty": 1.3, "presence_penalty": 1.0, "frequency_penalty": -1.0},
+        {"logit_bias": {5: 2.0}},
+        {"max_time": 1.0},
+        {"renormalize_logits": True, "remove_invalid_values": True},
     ]
-    for params, extra in generate_cases:
-        assert choose_path(params, **extra).path is Route.GENERATE, params
-    # Inactive values stay batched.
-    assert choose_path({"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0}).path is Route.BATCHED
-    assert choose_path(greedy, continuous_batching=False).path is Route.GENERATE
+    for params in batched_cases:
+        assert choose_path(SamplingParams.model_validate(params)).path is Route.BATCHED, params
+    assert choose_path(SamplingParams(num_beams=4)).path is Route.GENERATE
+    assert choose_path(SamplingParams(), continuous_batching=False).path is Route.GENERATE
 
 
-def test_effective_parameters_and_sampling_kwargs() -> None:
-    defaults = {"do_sample": False, "top_k": 50, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.2}
-    params = effective_parameters(defaults, {"do_sample": True, "temperature": 0.5})
-    # A checkpoint default the client never sent still decides the path.
-    assert choose_path(params, request_keys={"do_sample", "temperature"}).path is Route.GENERATE
-    assert batched_sampling_kwargs({"do_sample": False, "temperature": 0.3}, 1000) == {
-        "temperature": 1.0,
-        "top_k": 1,
-        "top_p": 1.0,
-    }
-    assert batched_sampling_kwargs({"do_sample": True, "temperature": 0.5, "top_k": 50}, 1000) == {
-        "temperature": 0.5,
-        "top_k": 50,
-        "top_p": 1.0,
-    }
-    assert batched_sampling_kwargs({"do_sample": True, "top_k": 0, "top_p": 0.9}, 1000)["top_k"] == 1000
-    assert batched_sampling_kwargs({"do_sample": True, "top_k": 5000}, 1000)["top_k"] == 1000
+def test_model_defaults_apply_to_what_the_client_did_not_send() -> None:
+    defaults = SamplingParams.inheritable(
+        {"do_sample": False, "top_k": 50, "temperature": 0.2, "repetition_penalty": 1.2, "max_length": 20, "x": 1}
+    )
+    assert "max_length" not in defaults and "x" not in defaults  # lengths are the planner's
+    sent = SamplingParams(do_sample=True, temperature=0.5)
+    merged = sent.with_model_defaults(defaults)
+    assert (merged.temperature, merged.top_k, merged.repetition_penalty) == (0.5, 50, 1.2)
+    assert SamplingParams.inheritable({"temperature": -1.0, "top_p": 7}) == {}  # invalid checkpoint values ignored
 
 
 def test_settings_env_override_disables_batching() -> None:
@@ -167,21 +152,24 @@ def test_mixed_traffic_each_on_its_path_and_exact(engine: Engine, solo_engine: E
     greedy = [_greedy(engine, prompt, max_new_tokens=20) for prompt in PROMPTS[:8]]
     beam = _greedy(engine, "def compute_fib(n):", max_new_tokens=16, num_beams=3)
     ngram = _greedy(engine, "class Stack:\n", max_new_tokens=24, no_repeat_ngram_size=2)
-    seeded = engine.plan(engine.tokenize("import os\n"), {"max_new_tokens": 16, "do_sample": True}, seed=7)
-    logprobs = engine.plan(engine.tokenize("for i in"), {"max_new_tokens": 8}, top_logprobs=2)
+    seeded = _greedy(engine, "import os\n", max_new_tokens=16, do_sample=True, seed=7)
+    logprobs = _greedy(engine, "for i in", max_new_tokens=8, logprobs=2)
     sampled = _greedy(engine, "while True:\n", max_new_tokens=16, do_sample=True, temperature=0.8, top_k=20)
-    assert [engine.route(p).path for p in (beam, ngram, seeded, logprobs)] == [Route.GENERATE] * 4
-    assert engine.route(sampled).path is Route.BATCHED
+    assert engine.route(beam).path is Route.GENERATE
+    assert [engine.route(p).path for p in (ngram, seeded, logprobs, sampled)] == [Route.BATCHED] * 4
 
-    others = [beam, ngram, seeded, logprobs]
-    references = [_one(solo_engine, plan) for plan in greedy + others]
+    seeded_alone = _one(engine, seeded)
+    references = [_one(solo_engine, plan) for plan in [*greedy, beam, ngram, logprobs]]
     before = dict(engine.routed)
-    results = _gather(engine, [*greedy, beam, sampled, ngram, seeded, logprobs])
-    sampled_result = results.pop(len(greedy) + 1)
+    results = _gather(engine, [*greedy, beam, ngram, logprobs, sampled, seeded])
+    seeded_result, sampled_result = results.pop(), results.pop()
     assert [r.text for r in results] == [r.text for r in references]
-    assert [r.token_logprobs for r in results[-1:]] == [references[-1].token_logprobs]
-    assert engine.routed[Route.GENERATE] - before[Route.GENERATE] == 4
-    assert engine.routed[Route.BATCHED] - before[Route.BATCHED] == len(greedy) + 1
+    for got, want in zip(results[-1].token_logprobs, references[-1].token_logprobs):
+        assert got.token_id == want.token_id and [t for t, _ in got.top] == [t for t, _ in want.top]
+        assert abs(got.logprob - want.logprob) < 1e-4
+    assert seeded_result.text == seeded_alone.text  # a seeded sample does not depend on its neighbours
+    assert engine.routed[Route.GENERATE] - before[Route.GENERATE] == 1
+    assert engine.routed[Route.BATCHED] - before[Route.BATCHED] == len(greedy) + 4
     assert 1 <= sampled_result.completion_tokens <= 16
     assert engine.requests_in_progress == 0
 

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.engine.generate_worker import AdditivePenalties
-from starcoder_serving.engine.jobs import FinishReason
+from starcoder_serving.engine.jobs import FinishReason, GenerationPlan
+from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.text.prompts import ChatRenderer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,8 +25,11 @@ PROMPTS = ["def compute_fib(n):", "import os\n", "hello", "class A:", "x = 1", "
 def run(
     engine: Engine, prompt: str, stop: tuple[str, ...] = (), seed: int | None = None, **parameters: Any
 ) -> Completion:
-    plan = engine.plan(engine.tokenize(prompt), parameters, stop=stop, seed=seed)
-    return asyncio.run(engine.complete(plan))
+    return asyncio.run(engine.complete(plan_one(engine, engine.tokenize(prompt), stop=stop, seed=seed, **parameters)))
+
+
+def plan_one(engine: Engine, prompt_ids: list[int], **parameters: Any) -> GenerationPlan:
+    return engine.plan(prompt_ids, SamplingParams.model_validate(parameters))[0]
 
 
 def direct_generate(engine: Engine, prompt: str, **kwargs: Any) -> list[int]:
@@ -84,10 +88,13 @@ def test_request_kwargs_really_reach_generate(engine: Engine, kwargs: dict[str, 
     changed = 0
     for prompt in PROMPTS[:5]:
         result = run(engine, prompt, seed=seed, **length, **kwargs)
-        if seed is not None:
-            torch.manual_seed(seed)
-        reference = direct_generate(engine, prompt, **length, **kwargs)
-        assert result.text == engine.tokenizer.decode(reference, skip_special_tokens=True)
+        if seed is None:
+            reference = direct_generate(engine, prompt, **length, **kwargs)
+            assert result.text == engine.tokenizer.decode(reference, skip_special_tokens=True)
+        else:
+            # A seeded sample in the batch uses its own noise, not torch's RNG: it need not equal generate()'s
+            # sample, but it is reproducible (test_batch_equivalence.py checks it under load).
+            assert result.text == run(engine, prompt, seed=seed, **length, **kwargs).text
         changed += result.text != run(engine, prompt, **length).text
     assert changed, f"{kwargs} never changed the output: it was dropped on the way to generate()"
 
@@ -104,7 +111,7 @@ def test_concurrent_seeded_requests_do_not_disturb_each_other(engine: Engine) ->
     alone = {seed: run(engine, "x = 1", seed=seed, **sample).text for seed in range(6)}
 
     async def together() -> list[Completion]:
-        plans = [engine.plan(engine.tokenize("x = 1"), sample, seed=seed) for seed in range(6)]
+        plans = [plan_one(engine, engine.tokenize("x = 1"), seed=seed, **sample) for seed in range(6)]
         return list(await asyncio.gather(*(engine.complete(p) for p in plans)))
 
     assert [c.text for c in asyncio.run(together())] == [alone[seed] for seed in range(6)]
@@ -123,20 +130,20 @@ def test_context_window_and_cap_are_enforced_with_numbers(engine: Engine) -> Non
     long_prompt = engine.tokenize("x = 1\n" * 3000)
     assert len(long_prompt) > engine.context_window
     with pytest.raises(InvalidRequest, match=rf"{len(long_prompt)} tokens.*8192-token context window"):
-        engine.plan(long_prompt, {})
+        plan_one(engine, long_prompt)
     near_full = long_prompt[:8000]
     with pytest.raises(InvalidRequest, match=r"8000 tokens and 500 new tokens.*8500 > the 8192.*<= 192"):
-        engine.plan(near_full, {"max_new_tokens": 500})
-    assert engine.plan(near_full, {}).max_new_tokens == 192  # the default shrinks to fit the window
+        plan_one(engine, near_full, max_new_tokens=500)
+    assert plan_one(engine, near_full).max_new_tokens == 192  # the default shrinks to fit the window
     with pytest.raises(InvalidRequest, match="cap of 2048"):
-        engine.plan([1, 2, 3], {"max_new_tokens": 4096})
+        plan_one(engine, [1, 2, 3], max_new_tokens=4096)
     with pytest.raises(InvalidRequest, match=r"max_length.*\(2\).*3 tokens"):
-        engine.plan([5, 6, 7], {"max_length": 2})
-    assert engine.plan([5, 6, 7], {"max_length": 10}).max_new_tokens == 7
+        plan_one(engine, [5, 6, 7], max_length=2)
+    assert plan_one(engine, [5, 6, 7], max_length=10).max_new_tokens == 7
     with pytest.raises(InvalidRequest, match=r"bad_words_ids.*outside the vocabulary"):
-        engine.plan([5], {"bad_words_ids": [[10**6]]})
+        plan_one(engine, [5], bad_words_ids=[[10**6]])
     with pytest.raises(InvalidRequest, match="do_sample"):
-        engine.plan([5], {"temperature": 0.5})
+        plan_one(engine, [5], temperature=0.5)
 
 
 def test_a_fault_while_generating_is_reported_and_the_next_request_succeeds(engine: Engine) -> None:
@@ -146,8 +153,8 @@ def test_a_fault_while_generating_is_reported_and_the_next_request_succeeds(engi
         engine.model.generate = original  # fail once, as a transient OOM would
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    # no_repeat_ngram_size is served by plain generate() (the batched path's faults: test_batching.py).
-    generate_path = {"max_new_tokens": 4, "no_repeat_ngram_size": 3}
+    # Beam search is served by plain generate() (the batched path's faults: test_batching.py).
+    generate_path = {"max_new_tokens": 4, "min_new_tokens": 4, "num_beams": 2}
     engine.model.generate = out_of_memory
     try:
         with pytest.raises(Overloaded, match="ran out of memory"):
@@ -160,7 +167,7 @@ def test_a_fault_while_generating_is_reported_and_the_next_request_succeeds(engi
 
 def test_closing_a_stream_cancels_the_generation(engine: Engine) -> None:
     async def read_two_then_leave() -> None:
-        plan = engine.plan(engine.tokenize("import os\n"), {"max_new_tokens": 2000, "min_new_tokens": 2000})
+        plan = plan_one(engine, engine.tokenize("import os\n"), max_new_tokens=2000, min_new_tokens=2000)
         stream = engine.stream(plan)
         seen = 0
         async for delta in stream:
@@ -221,9 +228,9 @@ def test_additive_penalties_follow_openai_arithmetic() -> None:
     assert torch.equal(penalized, expected)
 
 
-def test_penalized_requests_run_on_the_generate_path(engine: Engine) -> None:
-    plan = engine.plan(engine.tokenize("x = 1"), {"max_new_tokens": 30}, frequency_penalty=2.0)
-    assert engine.route(plan).path.value == "generate"
+def test_penalized_requests_run_in_the_batch_and_change_the_output(engine: Engine) -> None:
+    plan = plan_one(engine, engine.tokenize("x = 1"), max_new_tokens=30, frequency_penalty=2.0)
+    assert engine.route(plan).path.value == "batched"
     penalized = asyncio.run(engine.complete(plan))
     plain = run(engine, "x = 1", max_new_tokens=30)
     assert penalized.text != plain.text
@@ -250,10 +257,9 @@ def test_when_one_of_several_plans_fails_the_others_are_stopped(engine: Engine) 
         engine.model.generate = original
         raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
-    # Served one at a time by generate(): the first fails, the others must not run on for nobody.
+    # Beam search is served one at a time by generate(): the first fails, the others must not run on for nobody.
     plans = [
-        engine.plan(engine.tokenize(p), {"max_new_tokens": 500, "min_new_tokens": 500, "no_repeat_ngram_size": 9})
-        for p in PROMPTS[:3]
+        plan_one(engine, engine.tokenize(p), max_new_tokens=500, min_new_tokens=500, num_beams=2) for p in PROMPTS[:3]
     ]
     engine.model.generate = out_of_memory
     try:

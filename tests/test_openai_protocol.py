@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starcoder_serving.engine.engine import Engine
-from starcoder_serving.errors import InvalidRequest
+from starcoder_serving.api.openai_route import OpenAIService, TokenTexts
 from starcoder_serving.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     parse_chat_request,
     parse_completion_request,
 )
-from starcoder_serving.api.openai_route import OpenAIService, TokenTexts
+from starcoder_serving.engine.engine import Engine
+from starcoder_serving.errors import InvalidRequest
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -25,9 +25,14 @@ def completion(**fields: Any) -> dict[str, Any]:
     return {"model": "starcoder", "prompt": "def f():", **fields}
 
 
+def sent(parsed: Any, logprobs: int | None = None) -> dict[str, Any]:
+    """The engine parameters the request sets (the rest are the engine's defaults)."""
+    return parsed.sampling_params(logprobs).model_dump(exclude_unset=True)
+
+
 def test_openai_defaults_sample_the_whole_distribution() -> None:
     parsed = parse_completion_request(completion())
-    assert parsed.generation_parameters() == {"do_sample": True, "temperature": 1.0, "top_k": 0}
+    assert sent(parsed) == {"n": 1, "logprobs": None, "do_sample": True, "temperature": 1.0, "top_k": 0}
     assert not parsed.streaming and parsed.choices_per_prompt == 1 and parsed.stop_sequences == []
 
 
@@ -35,7 +40,9 @@ def test_sampling_parameters_map_to_transformers_names() -> None:
     parsed = parse_completion_request(
         completion(max_tokens=9, temperature=0.5, top_p=0.9, top_k=40, repetition_penalty=1.2, min_tokens=3, stop="\n")
     )
-    assert parsed.generation_parameters() == {
+    assert sent(parsed) == {
+        "n": 1,
+        "logprobs": None,
         "max_new_tokens": 9,
         "min_new_tokens": 3,
         "repetition_penalty": 1.2,
@@ -43,18 +50,23 @@ def test_sampling_parameters_map_to_transformers_names() -> None:
         "temperature": 0.5,
         "top_k": 40,
         "top_p": 0.9,
+        "stop": ("\n",),
     }
     assert parsed.stop_sequences == ["\n"]
+    biased = parse_completion_request(completion(logit_bias={"5": 10, "7": -100}, presence_penalty=0.5, seed=3))
+    assert sent(biased)["logit_bias"] == {5: 10.0, 7: -100.0}
+    assert (sent(biased)["presence_penalty"], sent(biased)["seed"]) == (0.5, 3)
 
 
 def test_temperature_zero_is_greedy() -> None:
     parsed = parse_completion_request(completion(temperature=0, top_p=0.5, top_k=5))
-    assert parsed.generation_parameters() == {"do_sample": False}
+    assert sent(parsed) == {"n": 1, "logprobs": None, "do_sample": False}
 
 
 def test_chat_max_completion_tokens_and_logprobs() -> None:
     parsed = parse_chat_request({"messages": CHAT, "max_completion_tokens": 7, "logprobs": True, "top_logprobs": 3})
-    assert parsed.generation_parameters()["max_new_tokens"] == 7
+    assert sent(parsed, parsed.chosen_logprobs)["max_new_tokens"] == 7
+    assert sent(parsed, parsed.chosen_logprobs)["logprobs"] == 3
     assert parsed.chosen_logprobs == 3
     assert parse_chat_request({"messages": CHAT, "logprobs": True}).chosen_logprobs == 0
     assert parse_chat_request({"messages": CHAT}).chosen_logprobs is None
@@ -90,7 +102,8 @@ REFUSED_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "x", "stop": [1]}, "stop", "`stop` must be a string or a list"),
     ({"prompt": "x", "presence_penalty": 2.1}, "presence_penalty", "`presence_penalty`"),
     ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty", "`frequency_penalty`"),
-    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
+    ({"prompt": "x", "logit_bias": {"a1": 5}}, "logit_bias", "decimal strings"),
+    ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias.1", "less than or equal to 100"),
     ({"prompt": "x", "best_of": 2}, "best_of", "does not rank"),
     ({"prompt": "x", "echo": True, "logprobs": 0}, "echo", "prompt tokens"),
     ({"prompt": "x", "echo": True, "suffix": "y"}, "echo", "suffix"),
@@ -148,7 +161,9 @@ def test_refused_chat_requests_name_the_parameter(body: dict[str, Any], param: s
 
 def test_planning_uses_the_engine_checks(engine: Engine) -> None:
     service = OpenAIService(engine)
-    with pytest.raises(InvalidRequest, match="`max_tokens` is 100000, above this server's cap") as caught:
+    with pytest.raises(
+        InvalidRequest, match="`max_tokens` asks for 100000 new tokens, above this server's cap"
+    ) as caught:
         service.plan_completion(completion(max_tokens=100000))
     assert caught.value.param == "max_tokens"
     with pytest.raises(InvalidRequest, match="`n` must be <="):
@@ -163,7 +178,7 @@ def test_planning_builds_one_plan_per_choice(engine: Engine) -> None:
     service = OpenAIService(engine)
     job = service.plan_completion(completion(prompt=["a", "bb"], n=2, seed=5, temperature=0.7, max_tokens=4))
     assert [c.index for c in job.choices] == [0, 1, 2, 3]
-    assert [c.plan.seed for c in job.choices] == [5, 6, 5, 6]
+    assert [c.plan.sampling.seed for c in job.choices] == [5, 6, 5, 6]
     assert job.prompt_tokens == len(engine.tokenize("a")) + len(engine.tokenize("bb"))
     fim = service.plan_completion(completion(prompt="def f(", suffix="    return 1\n", max_tokens=4))
     assert fim.choices[0].plan.prompt_ids == engine.tokenize("<fim_prefix>def f(<fim_suffix>    return 1\n<fim_middle>")
@@ -201,4 +216,4 @@ def test_fuzzed_bodies_parse_or_get_a_clear_400(body: dict[str, Any]) -> None:
             assert error.status_code == 400 and error.message
             json.dumps(error.message)
         else:
-            parsed.generation_parameters()
+            parsed.sampling_params(None)

@@ -41,19 +41,21 @@ def test_stream_default_is_off_and_envelope_unchanged(server: RunningServer) -> 
 
 def test_disconnect_mid_stream_stops_generation(server: RunningServer) -> None:
     body = {"prompt": "import os\n", "max_new_tokens": 2000, "min_new_tokens": 2000, "stream": True}
-    done_lines_before = len(re.findall(r"job \d+ done", server.log()))
+    done_lines_before = len(re.findall(r"request \d+ done", server.log()))
     with httpx.stream("POST", server.predict_url, json=body, timeout=60) as response:
         chunks = response.iter_bytes()
         next(chunks), next(chunks)  # generation is under way; now hang up
     deadline = time.monotonic() + 30
     while True:
-        done = re.findall(r"job \d+ done: prompt_tokens=\d+ completion_tokens=(\d+) cancelled=(\w+)", server.log())
+        done = re.findall(
+            r"request \d+ done: path=\w+ finish_reason=(\w+) prompt_tokens=\d+ completion_tokens=(\d+)", server.log()
+        )
         if len(done) > done_lines_before:
             break
         assert time.monotonic() < deadline, "the generation did not stop after the client left"
         time.sleep(0.1)
-    completion_tokens, cancelled = done[-1]
-    assert cancelled == "True" and int(completion_tokens) < 2000
+    finish_reason, completion_tokens = done[-1]
+    assert finish_reason == "cancelled" and int(completion_tokens) < 2000
     # The engine is idle again: the next request is answered rather than queued behind 2000 tokens.
     assert complete(server, {"prompt": "hello", "max_new_tokens": 3})["completion_tokens"] == 3
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starcoder_serving.engine.engine import Engine
+from starcoder_serving.engine.sampling_params import SamplingParams
 
 from tests.conftest import SECRET_SENTINEL, RunningServer
 from tests.strategies import json_values, predict_fields
@@ -22,7 +23,7 @@ def post(server: RunningServer, body: Any, **kwargs: Any) -> httpx.Response:
 
 
 def expected_completion(engine: Engine, prompt: str, **parameters: Any) -> str:
-    plan = engine.plan(engine.tokenize(prompt), parameters)
+    plan = engine.plan(engine.tokenize(prompt), SamplingParams.model_validate(parameters))[0]
     return asyncio.run(engine.complete(plan)).text
 
 

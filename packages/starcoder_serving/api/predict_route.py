@@ -68,6 +68,12 @@ class PredictService:
             raise InvalidRequest(
                 '`num_return_sequences` > 1 cannot be streamed; send "stream": false.', param="num_return_sequences"
             )
+        if sampling.n > 1 and (not sampling.do_sample or sampling.beam_search):
+            raise InvalidRequest(
+                '`num_return_sequences` > 1 needs sampling: send "do_sample": true (and no num_beams), '
+                "otherwise every sequence would be the same.",
+                param="num_return_sequences",
+            )
         # n independent sequences (each with its own seed: seed, seed+1, ...), decoded together in the batch.
         return self.engine.plan(self.engine.tokenize(rendered.text), sampling)
 

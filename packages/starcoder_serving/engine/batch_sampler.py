@@ -156,8 +156,11 @@ class _SlotTable:
             elif (slot := self.of.pop(request_id, None)) is not None:
                 self._free.append(slot)
 
-    def allocate(self, request_id: str) -> int:
-        slot = self._free.pop()  # slots >= requests the engine admits, so never empty
+    def allocate(self, request_id: str) -> int | None:
+        """A free slot, or None when every one is taken (see ``BatchSampler.unserved``)."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
         self.of[request_id] = slot
         return slot
 
@@ -189,8 +192,13 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._static_graph = static_graph
         self._eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
         self._first_eos = int(self._eos[0])
-        slots = max_requests + 1  # the last one is the padding rows' slot, never allocated
+        # Twice the requests the engine admits: a finished or cancelled request's slot is freed a step
+        # or a watcher poll after the engine admits its successor. The last slot is the padding rows'.
+        slots = 2 * max_requests + 1
         self._spare = slots - 1
+        # Requests that found no free slot (a burst of cancellations and new requests within one step):
+        # they decode one step in the spare slot and the worker fails them with a retryable 503.
+        self.unserved: set[str] = set()
         self._slots = _SlotTable(self._spare)
         self._plans: dict[int, GenerationPlan] = {}
         self._features = _Features.everything()
@@ -247,6 +255,10 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             plan: GenerationPlan = state.logit_processor_kwargs["plan"]
             if slot is None:
                 slot = self._slots.allocate(state.request_id)
+                if slot is None:
+                    self.unserved.add(state.request_id)
+                    slots.append(self._spare)
+                    continue
                 self._start(slot, plan)
             if not self._static_graph:
                 features.add(plan)
@@ -315,6 +327,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         """After the batch loop restarted: every request it held has been failed."""
         self._slots.clear()
         self._plans.clear()
+        self.unserved.clear()
 
     # ---- reading results (the batch thread, after a step) ----
 

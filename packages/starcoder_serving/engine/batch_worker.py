@@ -234,6 +234,12 @@ class BatchedWorker:
         if job.cancelled.is_set():
             self._cancel(output.request_id)
             return
+        if output.request_id in self.sampler.unserved:
+            self.sampler.unserved.discard(output.request_id)
+            self._manager.cancel_request(output.request_id)
+            overloaded = Overloaded("The server is at capacity (no sampling slot was free); retry in a moment.")
+            self._finish(output.request_id, DoneEvent(error=overloaded), emissions)
+            return
         tokens = output.generated_tokens
         new = tokens[active.forwarded :]
         entry = logprobs.get(output.request_id)

@@ -179,7 +179,7 @@ class Engine:
             )
         if sampling.num_beams > settings.max_num_beams:
             raise InvalidRequest(f"`num_beams` must be <= {settings.max_num_beams}.", param="num_beams")
-        self._check_fan_out(sampling.with_model_defaults(self._generation_defaults))
+        self._check_fan_out(sampling)
         for name, ids in sampling.token_ids().items():
             bad = [i for i in ids if i >= self.vocab_size]
             if bad:
@@ -207,10 +207,9 @@ class Engine:
         limit = self.settings.max_num_return_sequences
         if sampling.n > limit:
             raise InvalidRequest(f"`num_return_sequences` must be <= {limit}.", param="num_return_sequences")
-        if sampling.n > 1 and (sampling.greedy or sampling.beam_search):
+        if sampling.n > 1 and sampling.beam_search:
             raise InvalidRequest(
-                "`num_return_sequences` > 1 needs sampling (and no num_beams): with greedy decoding or beam "
-                "search every sequence would be the same. Send a temperature > 0 / do_sample true, or n = 1.",
+                "`num_return_sequences` > 1 cannot be combined with num_beams on this server; send one of them.",
                 param="num_return_sequences",
             )
 

@@ -112,9 +112,8 @@ class SamplingParams(pydantic.BaseModel):
         temperature without sampling); raises ``ValueError`` with transformers' own explanation."""
         from transformers import GenerationConfig
 
+        # n is not passed: the engine decodes n independent sequences itself.
         sent = self.model_dump(include=self.model_fields_set & _GENERATION_CONFIG_NAMES)
-        if self.n > 1:
-            sent["num_return_sequences"] = self.n
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             GenerationConfig(**sent).validate(strict=True)
