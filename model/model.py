@@ -8,9 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from starcoder_serving.engine.engine import Engine
 from starcoder_serving.api.openai_route import OpenAIService
 from starcoder_serving.api.predict_route import PredictService
+from starcoder_serving.engine.engine import Engine
 from starcoder_serving.settings import ServingSettings
 from starlette.requests import Request
 

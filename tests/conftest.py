@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from starcoder_serving.engine.engine import Engine
 from starcoder_serving.settings import ServingSettings
-from devtools.tiny_model import build_tiny_model
 
+from devtools.tiny_model import build_tiny_model
 from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, REPO_ROOT, RunningServer, ServerFailed, running_server
 
 DATA_DIR = REPO_ROOT / "data"

@@ -7,9 +7,9 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starcoder_serving.errors import InvalidRequest
 from starcoder_serving.api.generation_params import PYTHON_ONLY_PARAMETERS
 from starcoder_serving.api.predict_route import PredictService
+from starcoder_serving.errors import InvalidRequest
 
 from tests.strategies import json_values, predict_fields
 
