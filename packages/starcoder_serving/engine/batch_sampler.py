@@ -31,6 +31,7 @@ true of synchronous batching (the only mode the engine enables).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
@@ -40,6 +41,9 @@ import torch
 from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
 from starcoder_serving.engine.sampling_params import MAX_TOP_LOGPROBS
 from starcoder_serving.engine.transformers_compat import BatchRequest, ContinuousBatchingLogitsProcessor
+from starcoder_serving.errors import GenerationFailed, Overloaded, ServingError
+
+logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
 _MASK32 = 0xFFFFFFFF
@@ -109,6 +113,15 @@ class _Features:
     typical: bool = False
     cutoffs: bool = False
     logprobs: bool = False
+
+    @property
+    def needs_steps(self) -> bool:
+        return self.min_new_tokens or self.decay or self.begin_banned or self.sampled
+
+    @property
+    def needs_choice(self) -> bool:
+        """The chosen token is needed here (history and logprobs); otherwise only the manager picks it."""
+        return self.logprobs or self.repetition or self.additive
 
     @classmethod
     def everything(cls) -> _Features:
@@ -191,14 +204,15 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._device = device
         self._static_graph = static_graph
         self._eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
-        self._first_eos = int(self._eos[0])
         # Twice the requests the engine admits: a finished or cancelled request's slot is freed a step
         # or a watcher poll after the engine admits its successor. The last slot is the padding rows'.
         slots = 2 * max_requests + 1
         self._spare = slots - 1
-        # Requests that found no free slot (a burst of cancellations and new requests within one step):
-        # they decode one step in the spare slot and the worker fails them with a retryable 503.
-        self.unserved: set[str] = set()
+        # Requests this sampler cannot serve, with the error their worker fails them with: no free slot
+        # (a burst of cancellations and new requests within one step: a retryable 503), or parameters
+        # that could not be written into a slot. They decode one step in the spare slot, never raising
+        # here: an exception in this thread would fail every request of the batch.
+        self.rejected: dict[str, ServingError] = {}
         self._slots = _SlotTable(self._spare)
         self._plans: dict[int, GenerationPlan] = {}
         self._features = _Features.everything()
@@ -237,6 +251,9 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         # The chosen token's logprob and the top ones, per slot, read by the host after each step.
         self._logprob_values = torch.zeros((slots, 1 + MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
         self._logprob_ids = torch.zeros((slots, MAX_TOP_LOGPROBS), dtype=torch.long, device=device)
+        # What a row with no token left is replaced by: only the first end token.
+        self._end_row = torch.full((1, vocab_size), _NEG_INF, device=device)
+        self._end_row[0, int(self._eos[0])] = 0.0
         self._token_mix = _mul32(torch.arange(vocab_size, dtype=torch.long, device=device), 0x27D4EB2F)
         self._arange = torch.arange(vocab_size, device=device)
 
@@ -256,10 +273,21 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             if slot is None:
                 slot = self._slots.allocate(state.request_id)
                 if slot is None:
-                    self.unserved.add(state.request_id)
+                    self.rejected[state.request_id] = Overloaded(
+                        "The server is at capacity (no sampling slot was free); retry in a moment."
+                    )
                     slots.append(self._spare)
                     continue
-                self._start(slot, plan)
+                try:
+                    self._start(slot, plan)
+                except Exception as error:
+                    logger.exception("request %s: its sampling parameters could not be set", state.request_id)
+                    self.rejected[state.request_id] = GenerationFailed(
+                        f"The sampling parameters could not be applied ({type(error).__name__}); check their values."
+                    )
+                    self._slots.release(state.request_id)
+                    slots.append(self._spare)
+                    continue
             if not self._static_graph:
                 features.add(plan)
             self._update_dynamic_bans(slot, plan, state.generated_tokens)
@@ -280,13 +308,14 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._typical_p[slot] = 1.0 if greedy else p.typical_p
         self._epsilon[slot] = 0.0 if greedy else p.epsilon_cutoff
         self._eta[slot] = 0.0 if greedy else p.eta_cutoff
-        self._repetition[slot] = p.repetition_penalty
+        # Finite in float32 (an extreme penalty still divides or multiplies by an extreme amount).
+        self._repetition[slot] = _float32(p.repetition_penalty)
         self._presence[slot] = p.presence_penalty
         self._frequency[slot] = p.frequency_penalty
         self._min_new[slot] = p.min_new_tokens
         decay = p.exponential_decay_length_penalty
         self._decay_start[slot] = 2**62 if decay is None else decay[0]
-        self._decay_factor[slot] = 1.0 if decay is None else decay[1]
+        self._decay_factor[slot] = 1.0 if decay is None else _float32(decay[1])
         self._seed[slot] = p.seed or 0
         self._steps[slot] = 0
         self._faulted[slot] = False
@@ -327,7 +356,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         """After the batch loop restarted: every request it held has been failed."""
         self._slots.clear()
         self._plans.clear()
-        self.unserved.clear()
+        self.rejected.clear()
 
     # ---- reading results (the batch thread, after a step) ----
 
@@ -363,7 +392,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             x = x - self._frequency[slots].unsqueeze(-1) * counts - self._presence[slots].unsqueeze(-1) * (counts > 0)
         if f.dynamic_bans:
             x = x.masked_fill(self._dynamic_banned[slots], _NEG_INF)
-        steps = self._steps[slots]
+        steps = self._steps[slots] if f.needs_steps else None
         if f.min_new_tokens:
             too_short = (steps < self._min_new[slots]).unsqueeze(-1)
             x = x.index_copy(1, self._eos, torch.where(too_short, _NEG_INF, x[:, self._eos]))
@@ -374,24 +403,25 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if f.begin_banned:
             x = x.masked_fill(self._begin_banned[slots] & (steps == 0).unsqueeze(-1), _NEG_INF)
         x = _clean(x)
-        greedy = self._greedy[slots]
         if f.sampled:
-            x = torch.where(greedy.unsqueeze(-1), x, self._warp(x, slots, f))
-        dead = ~torch.isfinite(x).any(dim=-1)  # every token banned: end this row, fail its request
-        x = torch.where(dead.unsqueeze(-1), self._end_row(x), x)
+            greedy = self._greedy[slots].unsqueeze(-1)
+            x = torch.where(greedy, x, self._warp(x, slots, f))
+        # A row with no finite logit left (every token banned) ends with an end token; its request fails.
+        dead = x.amax(dim=-1) == _NEG_INF
+        x = torch.where(dead.unsqueeze(-1), self._end_row, x)
+        self._faulted.index_put_((slots,), dead, accumulate=True)  # bool accumulate: or
         final = x
         if f.sampled:
-            noise = gumbel_noise(self._seed[slots], steps, self._token_mix)
-            final = torch.where(greedy.unsqueeze(-1), x, x + noise)
-        chosen = final.argmax(dim=-1)  # what the manager's own argmax will pick
-        if f.logprobs:
-            self._record_logprobs(x, slots, chosen)
+            final = torch.where(greedy, x, x + gumbel_noise(self._seed[slots], steps, self._token_mix))
         self._steps.index_add_(0, slots, torch.ones_like(slots))
-        if f.repetition:
-            self._occurs[slots, chosen] = True
-        if f.additive:
-            self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
-        self._faulted[slots] = self._faulted[slots] | dead
+        if f.needs_choice:
+            chosen = final.argmax(dim=-1)  # what the manager's own argmax will pick
+            if f.logprobs:
+                self._record_logprobs(x, slots, chosen)
+            if f.repetition:
+                self._occurs[slots, chosen] = True
+            if f.additive:
+                self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         return final
 
     def _decay(self, x: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -446,11 +476,6 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
         return x.masked_fill(remove, _NEG_INF)
 
-    def _end_row(self, x: torch.Tensor) -> torch.Tensor:
-        row = torch.full_like(x, _NEG_INF)
-        row[:, self._first_eos] = 0.0
-        return row
-
     def _record_logprobs(self, x: torch.Tensor, slots: torch.Tensor, chosen: torch.Tensor) -> None:
         """The distribution sampled from (after the warpers, before the noise), as generate()'s recorder sees it."""
         logprobs = x.log_softmax(dim=-1)
@@ -458,6 +483,11 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._logprob_values[slots, 0] = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
         self._logprob_values[slots, 1 : 1 + top_values.size(-1)] = top_values
         self._logprob_ids[slots, : top_ids.size(-1)] = top_ids
+
+
+def _float32(value: float) -> float:
+    """A positive factor, kept within float32's finite normal range."""
+    return min(max(value, 1e-30), 1e30)
 
 
 def _clean(x: torch.Tensor) -> torch.Tensor:

@@ -234,11 +234,10 @@ class BatchedWorker:
         if job.cancelled.is_set():
             self._cancel(output.request_id)
             return
-        if output.request_id in self.sampler.unserved:
-            self.sampler.unserved.discard(output.request_id)
+        rejected = self.sampler.rejected.pop(output.request_id, None)
+        if rejected is not None:
             self._manager.cancel_request(output.request_id)
-            overloaded = Overloaded("The server is at capacity (no sampling slot was free); retry in a moment.")
-            self._finish(output.request_id, DoneEvent(error=overloaded), emissions)
+            self._finish(output.request_id, DoneEvent(error=rejected), emissions)
             return
         tokens = output.generated_tokens
         new = tokens[active.forwarded :]
