@@ -172,13 +172,13 @@ class BatchedWorker:
     def _restart_if_crashed(self) -> None:
         """A fault in a batch step (e.g. CUDA OOM) fails that batch's requests and stops the manager's
         thread; the next request starts it again (same cache and scheduler, reset)."""
-        status = self._manager.background_thread_status
-        if self._stopping.is_set() or status.can_accept_new_requests() is None:
+        failure = compat.loop_failure(self._manager)
+        if self._stopping.is_set() or failure is None:
             return
         thread = compat.generation_thread(self._manager)
         if thread is not None:
             thread.join(timeout=60)  # it is failing its requests and exiting
-        logger.warning("restarting the continuous-batching loop after: %r", status.fatal_error)
+        logger.warning("restarting the continuous-batching loop after: %s", failure)
         self.sampler.reset()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -289,14 +289,12 @@ class BatchedWorker:
 
     def yield_to_batch(self) -> None:
         """From inside ``exclusive()``: let the batch run (at least) one step, then take the model back."""
-        status = self._manager.background_thread_status
-        if not self._manager.is_running() or not status.is_pause_requested(local=True) or not self.active_requests:
+        if not self._manager.is_running() or not compat.holds_pause(self._manager) or not self.active_requests:
             return
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        status.release_pause()
         try:
-            status.acquire_pause(compat.wake_up_event(self._manager))
+            compat.hand_one_step_to_batch(self._manager)
         finally:
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
+from starcoder_serving.engine.transformers_compat import BaseStreamer
 from starcoder_serving.errors import GenerationFailed, Overloaded
 
 logger = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
 from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
 from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 PINNED_TRANSFORMERS = "5.23.0"
 
@@ -27,6 +28,7 @@ PINNED_TRANSFORMERS = "5.23.0"
 BatchRequest = FutureRequestState  # a request as one batch step sees it (``.state`` is its RequestState)
 __all__ = [
     "PINNED_TRANSFORMERS",
+    "BaseStreamer",
     "BatchRequest",
     "ContinuousBatchingLogitsProcessor",
     "GenerationOutput",
@@ -34,8 +36,11 @@ __all__ = [
     "attention_implementation",
     "default_generation_params",
     "generation_thread",
+    "hand_one_step_to_batch",
+    "holds_pause",
     "install_logits_processor",
     "install_output_router",
+    "loop_failure",
     "original_attention_implementation",
     "wake_up_event",
 ]
@@ -87,3 +92,22 @@ def attention_implementation(model: Any) -> str:
 def default_generation_params(generation_config: Any) -> dict[str, Any]:
     """transformers' global generation defaults (top_k=50, ...) that generate() applies when unset."""
     return dict(generation_config._get_default_generation_params())
+
+
+def loop_failure(manager: Any) -> str | None:
+    """Why the batch loop stopped accepting requests (None while it runs); a crashed loop records its error."""
+    status = manager.background_thread_status
+    denial = status.can_accept_new_requests()
+    return None if denial is None else f"{denial} ({status.fatal_error!r})"
+
+
+def holds_pause(manager: Any) -> bool:
+    """Whether this thread holds ``manager.pause()`` (the batch loop is parked for it)."""
+    return bool(manager.background_thread_status.is_pause_requested(local=True))
+
+
+def hand_one_step_to_batch(manager: Any) -> None:
+    """From inside ``manager.pause()``: release the pause, let the loop run a step, and take it back."""
+    status = manager.background_thread_status
+    status.release_pause()
+    status.acquire_pause(wake_up_event(manager))
