@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+import re
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from starcoder_serving.errors import InvalidRequest, PayloadTooLarge
@@ -22,25 +23,75 @@ class DisconnectAware(Protocol):
     async def is_disconnected(self) -> bool: ...
 
 
+# Deeper than any request shape needs (messages -> content parts -> text is 4); bounds the parser's work.
+MAX_JSON_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class HasBody(Protocol):
-    async def body(self) -> bytes: ...
+    headers: Mapping[str, str]
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+
+async def read_body(request: HasBody, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit``: at once from Content-Length,
+    else while it arrives, so an oversized upload is never held in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over {limit} bytes (the limit); send a smaller one.")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_json_object(request: HasBody, example: str) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"The request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}.")
+    body = await read_body(request)
     try:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(
             f"The request body is not valid JSON ({exc}). Send a JSON object like {example}."
         ) from None
+    except (RecursionError, ValueError) as exc:  # absurd nesting, or an integer of thousands of digits
+        raise InvalidRequest(
+            f"The request body is not valid JSON for this API ({str(exc).split(':')[0]}). "
+            f"Send a JSON object like {example}."
+        ) from None
     if not isinstance(parsed, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object like {example}; got a JSON {type(parsed).__name__}."
         )
+    _check_strings(parsed, "", 0)
     return parsed
+
+
+def _check_strings(value: Any, path: str, depth: int) -> None:
+    """Every string of the body (keys too) must be valid Unicode text: a lone UTF-16 surrogate
+    (``"\\ud800"``) cannot be tokenized or encoded back into a JSON answer. Also bounds the nesting."""
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels at `{path or 'body'}`.")
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            # The field's name may hold the surrogate itself: escaped, so the answer can be encoded.
+            name = _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", path) or "body"
+            raise InvalidRequest(
+                f"`{name}` contains a lone UTF-16 surrogate (like \\ud800), which is not text; send valid Unicode.",
+                param=name,
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            _check_strings(key, child, depth + 1)
+            _check_strings(item, child, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_strings(item, f"{path}.{index}" if path else str(index), depth + 1)
 
 
 async def unless_disconnected(request: DisconnectAware, work: Awaitable[T]) -> T | None:

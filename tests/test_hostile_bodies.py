@@ -1,0 +1,108 @@
+"""Bodies a hostile client sends get a clear 4xx on every route, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer
+
+ROUTES = ("predict", "/v1/completions", "/v1/chat/completions")
+VALID = {
+    "predict": {"prompt": "def f():", "max_new_tokens": 2},
+    "/v1/completions": {"prompt": "def f():", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+}
+
+
+def url(server: RunningServer, route: str) -> str:
+    return server.predict_url if route == "predict" else server.base_url + route
+
+
+def post_raw(server: RunningServer, route: str, content: bytes | Iterator[bytes], **headers: str) -> httpx.Response:
+    return httpx.post(url(server, route), content=content, headers=headers, timeout=60)
+
+
+def message_of(response: httpx.Response) -> str:
+    body = response.json()
+    return body["message"] if "message" in body else body["error"]["message"]
+
+
+def assert_still_serving(server: RunningServer, route: str) -> None:
+    response = httpx.post(url(server, route), json=VALID[route], timeout=60)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_absurd_json_is_a_400(server: RunningServer, route: str) -> None:
+    for content in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": ' + b"1" * 5000 + b"}",
+        b'{"a":' * 40 + b"1" + b"}" * 40,
+    ):
+        response = post_raw(server, route, content, **{"content-type": "application/json"})
+        assert response.status_code == 400, (content[:20], response.status_code, response.text[:200])
+        assert "JSON" in message_of(response) or "nests deeper" in message_of(response)
+    assert_still_serving(server, route)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("predict", {"prompt": "a\ud800b"}, "prompt"),
+        ("predict", {"prefix": "\udfff", "suffix": "x"}, "prefix"),
+        ("predict", {"prefix": "x", "suffix": "\ud800"}, "suffix"),
+        ("predict", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+        ("predict", {"instruction": "\ud800"}, "instruction"),
+        ("predict", {"instruction": "x", "input": "\ud800"}, "input"),
+        ("predict", {"prompt": "x", "stop": ["\ud800"]}, "stop.0"),
+        ("predict", {"prompt": "x", "\ud800": 1}, "\\ud800"),
+        ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", "\ud800"]}, "prompt.1"),
+        ("/v1/completions", {"prompt": "x", "suffix": "\ud800"}, "suffix"),
+        ("/v1/completions", {"prompt": "x", "user": "\ud800"}, "user"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+            "messages.0.content.0.text",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "\ud800"}, "model"),
+    ],
+)
+def test_a_lone_surrogate_in_any_string_is_a_400_naming_it(
+    server: RunningServer, route: str, body: dict[str, object], field: str
+) -> None:
+    # json.dumps writes the surrogate as the escape \ud800: exactly what a hostile client sends.
+    response = post_raw(server, route, json.dumps(body).encode(), **{"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert f"`{field}`" in message_of(response) and "surrogate" in message_of(response)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_oversized_body_is_refused_before_it_is_read(server: RunningServer, route: str) -> None:
+    # Declared too large: refused from the header.
+    big = b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    response = post_raw(server, route, big, **{"content-type": "application/json"})
+    assert response.status_code == 413 and "limit" in message_of(response)
+
+    # Chunked (no Content-Length): reading stops at the limit.
+    sent: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(64):  # 64 MiB offered, far past the 1 MiB limit
+            sent.append(1)
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    try:
+        response = post_raw(server, route, chunks(), **{"content-type": "application/json"})
+    except httpx.TransportError:
+        pass  # the server may hang up on the rest of the upload after answering
+    else:
+        assert response.status_code == 413, response.text[:200]
+    assert_still_serving(server, route)
