@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import RunningServer
 
@@ -128,3 +129,22 @@ def test_num_return_sequences_returns_each_sample(server: RunningServer) -> None
     data = complete(server, body)
     assert len(data["completions"]) == 3 and data["completion"] == data["completions"][0]["completion"]
     assert len({c["completion"] for c in data["completions"]}) > 1
+
+
+def test_a_stream_that_an_error_ends_early_is_visibly_truncated(server: RunningServer) -> None:
+    """After a 200 a text stream cannot carry an error: the server aborts it instead of ending it cleanly."""
+    # Every token but one is suppressed and no token may repeat: after one token nothing is left.
+    only = 100
+    body = {
+        "prompt": "def f():",
+        "max_new_tokens": 10,
+        "stream": True,
+        "suppress_tokens": [i for i in range(694) if i != only],
+        "no_repeat_ngram_size": 1,
+    }
+    with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+        with httpx.stream("POST", server.predict_url, json=body, timeout=60) as response:
+            assert response.status_code == 200
+            response.read()
+    assert "predict stream aborted (truncated)" in server.log()
+    assert complete(server, {"prompt": "hello", "max_new_tokens": 3})["completion_tokens"] == 3

@@ -25,6 +25,10 @@ EXAMPLE_BODY = '{"prompt": "def compute_fib(n):"}'
 PREDICT_FIELDS = frozenset(PredictRequest.model_fields)
 
 
+class StreamAborted(Exception):
+    """Raised inside a streamed predict body: the server drops the connection without the final chunk."""
+
+
 class PredictService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -94,7 +98,10 @@ class PredictService:
                     if delta.text:
                         yield delta.text.encode("utf-8")
             except ServingError as error:
-                logger.warning("stream ended by error: %s", error.message)
+                # Plain text has no way to say "this ended badly" after a 200: abort the response instead
+                # of ending it cleanly, so HTTP clients see a truncated body (an incomplete chunked read).
+                logger.warning("predict stream aborted (truncated) by error: %s", error.message)
+                raise StreamAborted(error.message) from None
             finally:
                 await deltas.aclose()
 
