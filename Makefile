@@ -29,7 +29,7 @@ tiny-model: venv
 
 # The real Truss server on 127.0.0.1:$(PORT); STARCODER_CHECKPOINT=<path or hub id> serves another model.
 serve: venv
-	PORT=$(PORT) $(PY) -m devtools.truss_local
+	exec env PORT=$(PORT) $(PY) -m devtools.truss_local
 
 test: venv
 	$(PY) -m pytest

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
+import threading
 import socket
 import subprocess
 import sys
@@ -159,15 +161,34 @@ def running_server(
             process.wait()
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this process when its parent exits (make killed, or this
+    launcher killed with -9 for the server it starts), so no server is ever left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def main() -> None:
+    """`make serve`: start the server and pass every stop signal on to it; never leave it running."""
+    die_with_parent()
     port = int(os.environ.get("PORT", "8080"))
-    process = start_server(port)
-    print(f"Truss server starting on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
-    try:
-        sys.exit(process.wait())
-    except KeyboardInterrupt:
+    process = start_server(port, preexec_fn=die_with_parent)
+
+    def stop(signum: int, frame: object) -> None:
+        # Only signal here: the main thread's wait() below returns once the server has shut down
+        # (waiting in the handler would contend with that wait for the child's exit status).
         process.terminate()
-        process.wait()
+        killer = threading.Timer(20, process.kill)  # a server that ignores SIGTERM
+        killer.daemon = True
+        killer.start()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop)
+    print(f"Truss server starting on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    sys.exit(process.wait())
 
 
 if __name__ == "__main__":
