@@ -106,3 +106,21 @@ def test_an_oversized_body_is_refused_before_it_is_read(server: RunningServer, r
     else:
         assert response.status_code == 413, response.text[:200]
     assert_still_serving(server, route)
+
+
+def test_messages_name_what_the_client_sent(server: RunningServer) -> None:
+    too_long = httpx.post(server.predict_url, json={"prompt": "x", "max_length": 100000}, timeout=60)
+    assert too_long.status_code == 400
+    assert "`max_length`" in message_of(too_long) and "max_new_tokens" not in message_of(too_long)
+    stops = httpx.post(
+        server.base_url + "/v1/completions", json={"prompt": "x", "stop": [str(i) for i in range(70)]}, timeout=60
+    )
+    assert stops.status_code == 400 and "`stop` has 70 sequences; send at most 8" in message_of(stops)
+
+
+def test_exponential_decay_length_penalty_is_accepted_as_a_json_pair(server: RunningServer) -> None:
+    body = {"prompt": "def f():", "max_new_tokens": 8, "exponential_decay_length_penalty": [2, 1.5]}
+    response = httpx.post(server.predict_url, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    refused = httpx.post(server.predict_url, json={**body, "exponential_decay_length_penalty": [2, "x"]}, timeout=60)
+    assert refused.status_code == 400 and "exponential_decay_length_penalty" in message_of(refused)

@@ -59,7 +59,8 @@ class SamplingRequest(_Strict):
     n: PositiveInt | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=64)] | None = None
+    # Any length here: the engine refuses more than max_stop_sequences with a message giving the limit.
+    stop: StrictStr | list[StrictStr] | None = None
     presence_penalty: AdditivePenalty | None = None
     frequency_penalty: AdditivePenalty | None = None
     # Token id (as a string, as JSON object keys are) -> bias added to its logit.
