@@ -24,6 +24,7 @@ class Model:
         self._secrets = kwargs["secrets"]
         # Set by truss when config.yaml has a model_cache: the weights are fetched in the background.
         self._lazy_data_resolver = kwargs.get("lazy_data_resolver")
+        self._engine: Engine | None = None
         self._predict: PredictService | None = None
         self._openai: OpenAIService | None = None
 
@@ -42,8 +43,20 @@ class Model:
             self._lazy_data_resolver.block_until_download_complete()
         settings = ServingSettings.from_sources(self._config.get("model_metadata"))
         engine = Engine.load(settings, self._data_dir, hf_token=self._hf_token())
+        self._engine = engine
         self._predict = PredictService(engine)
         self._openai = OpenAIService(engine)
+
+    def is_healthy(self) -> bool:
+        """truss's health check (GET /v1/models/model answers 503 when False): Baseten restarts a replica
+        whose engine cannot serve (worker thread gone, batch loop dead and not restartable, CUDA context
+        poisoned)."""
+        if self._engine is None:
+            return False
+        problem = self._engine.health()
+        if problem is not None:
+            logger.error("unhealthy: %s", problem)
+        return problem is None
 
     # Taking the raw request (not parsed inputs) lets us answer malformed JSON in our own envelope
     # and notice when the client disconnects.

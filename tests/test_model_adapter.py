@@ -41,3 +41,68 @@ def test_load_waits_for_the_weight_cache_before_loading(tiny_env: None) -> None:
 def test_the_token_comes_from_the_hf_access_key_secret(secrets: dict[str, str], expected: str | None) -> None:
     model = Model(config={}, data_dir=DATA_DIR, secrets=secrets)
     assert model._hf_token() == expected
+
+
+@pytest.fixture
+def batching_env(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STARCODER_CHECKPOINT", str(tiny_model_dir))
+    monkeypatch.setenv("STARCODER_DEVICE", "cpu")
+    monkeypatch.setenv("STARCODER_DTYPE", "float32")
+
+
+def loaded() -> Model:
+    model = Model(config={"model_metadata": {}}, data_dir=DATA_DIR, secrets={})
+    model.load()
+    return model
+
+
+def test_healthy_until_the_generate_worker_is_gone(batching_env: None) -> None:
+    model = loaded()
+    assert model.is_healthy()
+    engine = model._engine
+    assert engine is not None
+    engine._worker.shutdown()
+    engine._worker._thread.join(timeout=10)
+    assert not model.is_healthy()
+    assert "generate() worker" in (engine.health() or "")
+    engine.shutdown()
+
+
+def test_a_dead_batch_loop_is_restarted_and_unhealthy_only_if_that_fails(
+    batching_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = loaded()
+    engine = model._engine
+    assert engine is not None and engine._batched is not None
+    manager = engine._batched._manager
+    manager.background_thread_status.record_fatal_error(RuntimeError("the loop crashed"))
+    manager.stop(block=True, timeout=10)
+    assert model.is_healthy() and manager.is_running()  # the health check restarted it
+    manager.background_thread_status.record_fatal_error(RuntimeError("the loop crashed again"))
+    manager.stop(block=True, timeout=10)
+
+    def cannot_start() -> None:
+        raise RuntimeError("no memory for the cache")
+
+    monkeypatch.setattr(manager, "start", cannot_start)
+    assert not model.is_healthy()
+    assert "could not be restarted" in (engine.health() or "")
+    monkeypatch.undo()
+    engine.shutdown()
+
+
+def test_an_unusable_device_is_unhealthy(batching_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = loaded()
+    engine = model._engine
+    assert engine is not None
+
+    def poisoned() -> object:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    # A poisoned CUDA context cannot be made on a CPU; what the engine sees of it is that any device use raises.
+    monkeypatch.setattr(engine.model, "get_output_embeddings", poisoned)
+    assert not model.is_healthy()
+    assert "illegal memory access" in (engine.health() or "")
+    monkeypatch.undo()
+    assert model.is_healthy()
+    engine.shutdown()

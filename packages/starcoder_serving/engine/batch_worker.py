@@ -184,6 +184,19 @@ class BatchedWorker:
             torch.cuda.empty_cache()
         self._manager.start()
 
+    def health(self) -> str | None:
+        """None when the batch loop can serve; else why not. A crashed loop is restarted here first, so a
+        health check revives it rather than reporting a fault the next request would have repaired."""
+        if self._stopping.is_set():
+            return "the continuous-batching loop is shutting down"
+        try:
+            self._restart_if_crashed()
+        except Exception as error:  # noqa: BLE001 - reported, not raised: this is a health check
+            return f"the continuous-batching loop could not be restarted ({type(error).__name__}: {error})"
+        if not self._manager.is_running():
+            return "the continuous-batching loop is not running"
+        return None
+
     @property
     def active_requests(self) -> int:
         with self._lock:

@@ -304,6 +304,20 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def health(self) -> str | None:
+        """None when the engine can serve requests; else the reason it cannot (a replica to restart)."""
+        if not self._worker.alive:
+            return "the generate() worker thread is gone"
+        if self._batched is not None and (problem := self._batched.health()) is not None:
+            return problem
+        try:
+            # A device fault (e.g. an illegal memory access) poisons a CUDA context for good: any use
+            # of the device raises from then on. One tiny read of the weights finds out.
+            float(self.model.get_output_embeddings().weight[0, 0].detach().float().cpu())
+        except Exception as error:  # noqa: BLE001 - reported, not raised: this is a health check
+            return f"the model's device is unusable ({type(error).__name__}: {str(error)[:200]})"
+        return None
+
     def shutdown(self) -> None:
         self._worker.shutdown()
         if self._batched is not None:

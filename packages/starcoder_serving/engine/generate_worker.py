@@ -165,6 +165,10 @@ class GenerateWorker:
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._jobs.put(None)
 
