@@ -15,10 +15,10 @@ import dataclasses
 import os
 import shutil
 import signal
-import threading
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path

@@ -142,9 +142,11 @@ def test_a_stream_that_an_error_ends_early_is_visibly_truncated(server: RunningS
         "suppress_tokens": [i for i in range(694) if i != only],
         "no_repeat_ngram_size": 1,
     }
-    with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
-        with httpx.stream("POST", server.predict_url, json=body, timeout=60) as response:
-            assert response.status_code == 200
-            response.read()
+    with (
+        pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"),
+        httpx.stream("POST", server.predict_url, json=body, timeout=60) as response,
+    ):
+        assert response.status_code == 200
+        response.read()
     assert "predict stream aborted (truncated)" in server.log()
     assert complete(server, {"prompt": "hello", "max_new_tokens": 3})["completion_tokens"] == 3
