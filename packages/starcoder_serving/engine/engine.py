@@ -169,13 +169,15 @@ class Engine:
                 "or a shorter prompt.",
                 param=length_param,
             )
-        min_new_tokens = sampling.min_new_tokens
+        min_new_tokens, min_param = sampling.min_new_tokens, "min_new_tokens"
         if sampling.min_length is not None and "min_new_tokens" not in sampling.model_fields_set:
-            min_new_tokens = max(0, sampling.min_length - prompt_tokens)
+            min_new_tokens, min_param = max(0, sampling.min_length - prompt_tokens), "min_length"
         if min_new_tokens > max_new_tokens:
+            counted = f" ({prompt_tokens} prompt tokens + {min_new_tokens} new)" if min_param == "min_length" else ""
             raise InvalidRequest(
-                f"`min_new_tokens` ({min_new_tokens}) exceeds max_new_tokens ({max_new_tokens}).",
-                param="min_new_tokens",
+                f"`{min_param}` asks for at least {min_new_tokens} new tokens{counted}, more than the "
+                f"{max_new_tokens} allowed by {length_param}; lower it or raise {length_param}.",
+                param=min_param,
             )
         if sampling.num_beams > settings.max_num_beams:
             raise InvalidRequest(f"`num_beams` must be <= {settings.max_num_beams}.", param="num_beams")
