@@ -7,6 +7,7 @@ from pathlib import Path
 import pydantic
 
 from bench.loadgen import LevelResult, Percentiles, WarmupCheck
+from bench.mixed import MixedLevel
 
 
 class ServerRun(pydantic.BaseModel):
@@ -40,9 +41,31 @@ class BenchReport(pydantic.BaseModel):
     requests_per_client: int
     runs: list[ServerRun]
     ratios: list[Ratio] = pydantic.Field(default_factory=list)
+    # The mixed-traffic profile (bench/mixed.py), per server, and its batched / seed ratios.
+    mixed: dict[str, list[MixedLevel]] = pydantic.Field(default_factory=dict)
+    mixed_ratios: list[Ratio] = pydantic.Field(default_factory=list)
 
     def run(self, name: str) -> ServerRun | None:
         return next((run for run in self.runs if run.name == name), None)
+
+
+def compute_mixed_ratios(batched: list[MixedLevel], seed: list[MixedLevel]) -> list[Ratio]:
+    seed_by_level = {level.concurrency: level for level in seed}
+    ratios: list[Ratio] = []
+    for level in batched:
+        other = seed_by_level.get(level.concurrency)
+        if other is None:
+            continue
+        ratio = level.output_tokens_per_s / other.output_tokens_per_s if other.output_tokens_per_s else None
+        ratios.append(
+            Ratio(
+                concurrency=level.concurrency,
+                batched_tokens_per_s=level.output_tokens_per_s,
+                seed_tokens_per_s=other.output_tokens_per_s,
+                ratio=ratio,
+            )
+        )
+    return ratios
 
 
 def compute_ratios(batched: ServerRun, seed: ServerRun) -> list[Ratio]:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from tqdm import tqdm
 
 from bench.loadgen import (
@@ -38,7 +39,8 @@ from bench.loadgen import (
     run_level,
     warmup,
 )
-from bench.report import BenchReport, ServerRun, compute_ratios, markdown_table, write
+from bench.mixed import MixedLevel, MixedSpec, mixed_table, run_mixed_level
+from bench.report import BenchReport, ServerRun, compute_mixed_ratios, compute_ratios, markdown_table, write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_PREDICT_PATH = "/v1/models/model:predict"
@@ -87,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="in-process StarCoder-15.5B-shaped bench on CUDA (see python -m bench.gpu --help for its own options)",
     )
     load = parser.add_argument_group("load")
+    load.add_argument(
+        "--profile",
+        choices=("greedy", "mixed", "both"),
+        default="both",
+        help="greedy: identical greedy requests; mixed: what real clients send (bench/mixed.py); both (default)",
+    )
     load.add_argument("--prompt-tokens", type=int, default=32, help="prompt length P in tokens (default 32)")
     load.add_argument("--new-tokens", type=int, default=32, help="output length L per request (default 32)")
     load.add_argument(
@@ -158,15 +166,20 @@ class Target:
     name: str
     description: str
     spec: LoadSpec
+    base_url: str = ""
+    predict_path: str = LOCAL_PREDICT_PATH
     check: WarmupCheck | None = None
     levels: list[LevelResult] = dataclasses.field(default_factory=list)
+    mixed: list[MixedLevel] = dataclasses.field(default_factory=list)
 
     def result(self) -> ServerRun:
         assert self.check is not None
         return ServerRun(name=self.name, description=self.description, warmup=self.check, levels=self.levels)
 
 
-async def drive(targets: list[Target], prompts: list[str], levels: list[int], warmup_requests: int) -> list[ServerRun]:
+async def drive(
+    targets: list[Target], prompts: list[str], levels: list[int], warmup_requests: int, profile: str = "greedy"
+) -> tuple[list[ServerRun], dict[str, list[MixedLevel]]]:
     """Warm every target up, then run each level against each target in turn.
 
     Interleaving per level (batched c=1, seed c=1, batched c=2, ...) rather than one server after
@@ -191,7 +204,7 @@ async def drive(targets: list[Target], prompts: list[str], levels: list[int], wa
             # few streamed ones, sent together, keep those out of the first measured level.
             if warmup_requests:
                 await asyncio.gather(*(one_request(client, target.spec) for _ in range(warmup_requests)))
-        for concurrency in levels:
+        for concurrency in levels if profile in ("greedy", "both") else []:
             for target, client in zip(targets, clients):
                 total = concurrency * target.spec.requests_per_client
                 with tqdm(total=total, desc=f"{target.name} c={concurrency}", unit="req", leave=False) as bar:
@@ -208,15 +221,42 @@ async def drive(targets: list[Target], prompts: list[str], levels: list[int], wa
                 )
                 if level.failures:
                     print(f"[{target.name}]   errors: {level.errors}", flush=True)
+        for concurrency in levels if profile in ("mixed", "both") else []:
+            for target, client in zip(targets, clients):
+                await drive_mixed_level(target, client, concurrency)
     finally:
         for client in clients:
             await client.aclose()
-    return [t.result() for t in targets]
+    return [t.result() for t in targets], {t.name: t.mixed for t in targets if t.mixed}
 
 
-def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerRun], str]:
+async def drive_mixed_level(target: Target, client: httpx.AsyncClient, concurrency: int) -> None:
+    spec = MixedSpec(
+        base_url=target.base_url,
+        predict_path=target.predict_path,
+        prompt=target.spec.prompt,
+        new_tokens=target.spec.max_new_tokens,
+        requests_per_client=target.spec.requests_per_client,
+        timeout_s=target.spec.timeout_s,
+        headers=target.spec.headers,
+    )
+    total = concurrency * spec.requests_per_client
+    with tqdm(total=total, desc=f"{target.name} mixed c={concurrency}", unit="req", leave=False) as bar:
+        level = await run_mixed_level(client, spec, concurrency, on_done=lambda _: bar.update(1))
+    target.mixed.append(level)
+    print(
+        f"[{target.name}] mixed c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  failures {level.failures}",
+        flush=True,
+    )
+    if level.failures:
+        print(f"[{target.name}]   errors: {level.errors}", flush=True)
+
+
+Runs = tuple[list[ServerRun], dict[str, list[MixedLevel]]]
+
+
+def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
     from devtools.tiny_model import build_tiny_model
-
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, ServerFailed, running_server
 
     model_dir = build_tiny_model(DEFAULT_TINY_MODEL_DIR)
@@ -242,15 +282,13 @@ def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerR
                 timeout_s=args.timeout,
                 pin_length=args.pin_length,
             )
-            targets.append(Target(name, description, spec))
-        return asyncio.run(
-            drive(targets, prompts, levels, args.warmup_requests)
-        ), "http://127.0.0.1 (local Truss servers)"
+            targets.append(Target(name, description, spec, server.base_url, args.predict_path or LOCAL_PREDICT_PATH))
+        runs = asyncio.run(drive(targets, prompts, levels, args.warmup_requests, args.profile))
+        return runs, "http://127.0.0.1 (local Truss servers)"
 
 
-def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[list[ServerRun], str]:
+def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
     from devtools.tiny_model import build_tiny_model
-
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR
 
     base_url = args.base_url.rstrip("/")
@@ -265,8 +303,8 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[list[Server
         headers=headers,
         pin_length=args.pin_length,
     )
-    target = Target("remote", f"deployment at {base_url}", spec)
-    return asyncio.run(drive([target], prompts, levels, args.warmup_requests)), base_url
+    target = Target("remote", f"deployment at {base_url}", spec, base_url, args.predict_path or BASETEN_PREDICT_PATH)
+    return asyncio.run(drive([target], prompts, levels, args.warmup_requests, args.profile)), base_url
 
 
 def prompts_for(args: argparse.Namespace, tokenizer_dir: Path | str) -> list[str]:
@@ -292,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     remote = args.base_url is not None
     load_before = _loadavg()
     try:
-        runs, target = run_remote(args, levels) if remote else run_local(args, levels)
+        (runs, mixed), target = run_remote(args, levels) if remote else run_local(args, levels)
     except BenchError as error:
         print(f"bench failed: {error}", file=sys.stderr)
         return 1
@@ -313,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens,
         requests_per_client=args.requests_per_client,
         runs=runs,
-        ratios=compute_ratios(batched, seed) if batched and seed else [],
+        ratios=compute_ratios(batched, seed) if batched and seed and batched.levels else [],
+        mixed=mixed,
+        mixed_ratios=compute_mixed_ratios(mixed["batched"], mixed["seed"]) if {"batched", "seed"} <= set(mixed) else [],
     )
     json_path, png_path = write(report, args.out_dir)
     print()
@@ -324,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
             shown = "n/a" if ratio.ratio is None else f"{ratio.ratio:.2f}x"
             print(
                 f"c={ratio.concurrency:>3}: batched {ratio.batched_tokens_per_s:8.1f} tok/s / seed "
+                f"{ratio.seed_tokens_per_s:8.1f} tok/s = {shown}"
+            )
+    if report.mixed:
+        print()
+        print(mixed_table(report.mixed))
+        for ratio in report.mixed_ratios:
+            shown = "n/a" if ratio.ratio is None else f"{ratio.ratio:.2f}x"
+            print(
+                f"mixed c={ratio.concurrency:>3}: batched {ratio.batched_tokens_per_s:8.1f} tok/s / seed "
                 f"{ratio.seed_tokens_per_s:8.1f} tok/s = {shown}"
             )
     print(
