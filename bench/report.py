@@ -124,7 +124,7 @@ def plot(report: BenchReport, path: Path) -> Path:
     fig, (ax_tps, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in report.runs:
         xs = [level.concurrency for level in run.levels]
-        ax_tps.plot(xs, [level.output_tokens_per_s for level in run.levels], marker="o", label=run.name)
+        ax_tps.plot(xs, [level.output_tokens_per_s for level in run.levels], marker="o", label=f"{run.name} greedy")
         for field, style in (("latency_s", "-"), ("ttft_s", "--")):
             p50 = [getattr(level, field).p50 for level in run.levels]
             p95 = [getattr(level, field).p95 for level in run.levels]
@@ -144,6 +144,11 @@ def plot(report: BenchReport, path: Path) -> Path:
                 alpha=0.5,
                 label=f"{run.name} {name} p95",
             )
+    for name, levels in report.mixed.items():  # the mixed-traffic profile: throughput and per-class p95
+        xs = [level.concurrency for level in levels]
+        ax_tps.plot(xs, [level.output_tokens_per_s for level in levels], ":", marker="s", label=f"{name} mixed")
+        worst = [max((c.latency_s.p95 or 0.0) for c in level.classes) * 1000 for level in levels]
+        ax_lat.plot(xs, worst, ":", marker="s", label=f"{name} mixed: slowest class p95")
     for ax in (ax_tps, ax_lat):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from bench.loadgen import LoadSpec, build_prompt, make_client, run_level, warmup
+from bench.mixed import CLASSES, MixedLevel, MixedSpec, mixed_table, run_mixed_level
 from bench.report import BenchReport, ServerRun, compute_ratios, markdown_table, write
 from bench.run import concurrency_levels
 from tests.conftest import RunningServer
@@ -61,3 +62,34 @@ def test_load_generator_against_the_server(server: RunningServer, tiny_model_dir
     json_path, png_path = write(report, tmp_path)
     assert BenchReport.model_validate_json(json_path.read_text()) == report
     assert png_path.stat().st_size > 0
+
+
+def test_mixed_profile_against_the_server(server: RunningServer, tiny_model_dir: Path) -> None:
+    prompt = build_prompt(AutoTokenizer.from_pretrained(tiny_model_dir), 8)
+    spec = MixedSpec(
+        base_url=server.base_url,
+        predict_path="/v1/models/model:predict",
+        prompt=prompt,
+        new_tokens=4,
+        requests_per_client=1,
+    )
+
+    async def drive() -> MixedLevel:
+        async with make_client(
+            LoadSpec(predict_url=server.predict_url, prompt=prompt, max_new_tokens=4, requests_per_client=1), 6
+        ) as client:
+            return await run_mixed_level(client, spec, 6)
+
+    level = asyncio.run(drive())
+    assert level.requests == 6 and level.failures == 0, level.errors
+    assert [c.request_class for c in level.classes] == list(CLASSES)
+    assert all(c.requests == 1 and c.failures == 0 for c in level.classes)  # client c's first request is of class c
+    # Every class pins its length (min tokens): 4 tokens each, as the server counted them.
+    assert [c.output_tokens for c in level.classes] == [4] * len(CLASSES)
+    assert level.output_tokens == sum(c.output_tokens for c in level.classes) == 24
+    streamed = {"nvidia", "chat", "logprobs"}
+    assert all((c.ttft_s.p50 is not None) == (c.request_class in streamed) for c in level.classes)
+    greedy = next(c for c in level.classes if c.request_class == "greedy")
+    assert greedy.p95_vs_greedy == 1.0
+    table = mixed_table({"batched": [level]})
+    assert table.count("\n") == 1 + 1 + len(CLASSES)
