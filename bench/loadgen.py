@@ -3,8 +3,7 @@
 Every request generates exactly L new tokens, so an early end-of-text never makes one server look
 faster than another. By default the prompt is chosen so that its greedy completion runs the full L
 tokens (a warm-up tries a few P-token prompts until one does); ``--pin-length`` instead sends
-``min_new_tokens = L``, which this server serves on the one-at-a-time path (continuous batching
-cannot suppress end-of-text), so it measures that path only.
+``min_new_tokens = L`` (served in the batch, as the seed Truss's users send it).
 Timings come from the streamed body: time to first chunk (TTFT), gaps between chunks, and the
 whole request.
 """
@@ -31,9 +30,8 @@ class LoadSpec(pydantic.BaseModel):
     max_new_tokens: int = pydantic.Field(ge=1)
     requests_per_client: int = pydantic.Field(ge=1)
     timeout_s: float = 300.0
-    # min_new_tokens = L pins the length, but this server sends such requests to the one-at-a-time
-    # generate() path (continuous batching cannot honour it), so it is off by default: requests are
-    # greedy, hence every request repeats the warm-up's completion and its token count.
+    # min_new_tokens = L pins the length. Off by default: requests are greedy, hence every request
+    # repeats the warm-up's completion and its token count (the mixed profile pins lengths instead).
     pin_length: bool = False
     # Never serialized into results: it is a credential.
     headers: dict[str, str] = pydantic.Field(default_factory=dict, exclude=True, repr=False)

@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pin-length",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also send min_new_tokens = L (this server then bypasses continuous batching); off: "
+        help="also send min_new_tokens = L; off: "
         "greedy requests, each verified to repeat the warm-up completion and counted at its length",
     )
     load.add_argument("--max-concurrency", type=int, default=16, help="levels 1, 2, 4, ... up to this (default 16)")
