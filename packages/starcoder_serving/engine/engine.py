@@ -17,7 +17,7 @@ from typing import Any
 
 from starcoder_serving.engine import transformers_compat
 from starcoder_serving.engine.generate_worker import GenerateWorker
-from starcoder_serving.engine.jobs import FinishReason, GenerationPlan, Job
+from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job
 from starcoder_serving.engine.path_choice import Path as GenerationPath
 from starcoder_serving.engine.path_choice import Route, choose_path
 from starcoder_serving.engine.sampling_params import SamplingParams
@@ -268,12 +268,25 @@ class Engine:
         started = time.perf_counter()
         try:
             while text.reason is None:
-                piece = "".join(text.feed(event) for event in await job.next_events() if text.reason is None)
+                parts: list[str] = []
+                failure: Exception | None = None
+                for event in await job.next_events():
+                    if text.reason is not None:
+                        break
+                    if isinstance(event, DoneEvent) and event.error is not None:
+                        failure = event.error
+                        break
+                    parts.append(text.feed(event))
+                piece = "".join(parts)
                 if text.reason is FinishReason.STOP:
                     job.cancel()
                 logprobs = text.take_pending_logprobs()
+                # Text that arrived with an error is still delivered first: a stream then shows how far
+                # it got before it was cut, however the events were batched.
                 if piece or (logprobs and text.reason is not None):
                     yield TextDelta(piece, logprobs)
+                if failure is not None:
+                    raise failure
             if on_complete is not None:
                 on_complete(text.completion(plan.prompt_tokens))
         finally:
