@@ -58,7 +58,7 @@ class EngineLevel(pydantic.BaseModel):
 class EngineRun(pydantic.BaseModel):
     name: str  # "batched" or "seed"
     levels: list[EngineLevel]
-    # Requests per serving path (routing.py): proves the "batched" run really was batched.
+    # Requests per serving path (engine/path_choice.py): proves the "batched" run really was batched.
     routed: dict[str, int]
 
 
@@ -201,6 +201,8 @@ def engine_settings(device: str, dtype_name: str, batched: bool, new_tokens: int
 async def engine_level(
     engine: Any, prompt_ids: list[int], new_tokens: int, concurrency: int, requests_per_client: int
 ) -> EngineLevel:
+    from starcoder_serving.engine.sampling_params import SamplingParams
+
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
@@ -208,9 +210,9 @@ async def engine_level(
     async def client() -> None:
         nonlocal tokens
         for _ in range(requests_per_client):
-            # No min_new_tokens: it would send every request to the one-at-a-time path (routing.py).
-            # build_model makes <|endoftext|> unreachable instead, so each request runs all L tokens.
-            plan = engine.plan(prompt_ids, {"max_new_tokens": new_tokens})
+            # build_model makes <|endoftext|> unreachable, so each request runs all L tokens (plain greedy:
+            # the cheapest row of the batch sampler).
+            plan = engine.plan(prompt_ids, SamplingParams(max_new_tokens=new_tokens))[0]
             done: list[Any] = []
             started = time.perf_counter()
             first: float | None = None
@@ -296,9 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from devtools.tiny_model import build_tiny_model
     from transformers import AutoTokenizer
 
+    from devtools.tiny_model import build_tiny_model
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
