@@ -269,3 +269,20 @@ def test_when_one_of_several_plans_fails_the_others_are_stopped(engine: Engine) 
         engine.model.generate = original
     assert engine.requests_in_progress == 0
     assert run(engine, "hello", max_new_tokens=3, no_repeat_ngram_size=9).completion_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        {"do_sample": True, "repetition_penalty": 1e-300},
+        {"repetition_penalty": 1e300},
+        {"do_sample": True, "temperature": 1e-46},
+        {"exponential_decay_length_penalty": (0, 1e300)},
+    ],
+)
+def test_extreme_values_are_served_on_the_beam_search_path_too(engine: Engine, extreme: dict[str, Any]) -> None:
+    """Beam search runs through generate(): its rows are cleaned like the batch's, so valid values never fail."""
+    plan = plan_one(engine, engine.tokenize("def f():"), max_new_tokens=8, num_beams=2, **extreme)
+    assert engine.route(plan).path.value == "generate"
+    result = asyncio.run(engine.complete(plan))
+    assert 1 <= result.completion_tokens <= 8
