@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -290,7 +290,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
                     continue
             if not self._static_graph:
                 features.add(plan)
-            self._update_dynamic_bans(slot, plan, state.generated_tokens)
+            self._update_dynamic_bans(slot, plan, state)
             slots.append(slot)
         self._features = features
         return torch.tensor(slots, dtype=torch.int32)
@@ -334,11 +334,13 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if p.repetition_penalty != 1.0:
             self._occurs[slot, torch.tensor(plan.prompt_ids, dtype=torch.long, device=self._device)] = True
 
-    def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, generated: list[int]) -> None:
+    def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, state: Any) -> None:
+        """N-gram and multi-token bad-word bans for the request's next token, from its whole sequence."""
         p = plan.sampling
         if not p.no_repeat_ngram_size and not any(len(word) > 1 for word in p.bad_words_ids):
             return
-        tokens = [*plan.prompt_ids, *generated]
+        # initial_tokens: the prompt, plus the tokens generated before the cache was offloaded, if it was.
+        tokens = [*state.initial_tokens, *state.generated_tokens]
         banned = banned_by_ngrams(tokens, p.no_repeat_ngram_size) + banned_by_bad_words(tokens, p.bad_words_ids)
         row = self._dynamic_banned[slot]
         row.zero_()
