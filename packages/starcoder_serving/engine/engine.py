@@ -57,8 +57,8 @@ class Engine:
         self._worker = GenerateWorker(
             model, set(self.eos_token_ids), pad_token_id=tokenizer.eos_token_id, model_access=self._batched
         )
-        # Generation defaults as generate() resolves them (transformers' globals < the checkpoint's own),
-        # so routing sees e.g. the top_k=50 that do_sample=True implies.
+        # Generation defaults as generate() resolves them (transformers' globals < the checkpoint's own):
+        # a request inherits what it does not set, e.g. the top_k=50 that do_sample=True implies.
         defaults = transformers_compat.default_generation_params(model.generation_config)
         defaults.update({k: v for k, v in model.generation_config.to_dict().items() if v is not None})
         self._generation_defaults = SamplingParams.inheritable(defaults)
