@@ -238,3 +238,50 @@ def test_presence_and_frequency_penalties_discourage_repeats(client: OpenAI) -> 
         text, penalized_repeats = repeats(**penalties)
         assert text != plain_text and penalized_repeats < plain_repeats
         assert repeats(**penalties) == (text, penalized_repeats)  # still deterministic
+
+
+LOGPROB_PROMPTS = ["def f():", "import os\n", "class A:", "x = 1", "for i in", "print(", "return a", "while True:"]
+
+
+@pytest.mark.parametrize("prompt", LOGPROB_PROMPTS)
+def test_streamed_logprobs_keep_every_token_and_equal_the_non_streamed_ones(client: OpenAI, prompt: str) -> None:
+    """A token that is only part of a UTF-8 character has no text of its own yet; its entry must still arrive."""
+    request: dict[str, Any] = {
+        "model": "starcoder",
+        "prompt": prompt,
+        "max_tokens": 16,
+        "temperature": 0,
+        "logprobs": 2,
+    }
+    whole = client.completions.create(**request)
+    assert whole.choices[0].logprobs is not None and whole.usage is not None
+    streamed: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    text = ""
+    for chunk in client.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                for field in streamed:
+                    streamed[field] += getattr(choice.logprobs, field)
+    expected = whole.choices[0].logprobs
+    assert len(streamed["tokens"]) == whole.usage.completion_tokens
+    assert streamed["tokens"] == expected.tokens and streamed["text_offset"] == expected.text_offset
+    assert streamed["token_logprobs"] == pytest.approx(expected.token_logprobs)
+    assert text == whole.choices[0].text
+
+
+def test_streamed_chat_logprobs_keep_every_token(client: OpenAI) -> None:
+    request: dict[str, Any] = {
+        "model": "starcoder", "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "logprobs": True,
+        "top_logprobs": 1,
+    }  # fmt: skip
+    whole = client.chat.completions.create(**request)
+    assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content is not None
+    entries = [
+        entry.token
+        for chunk in client.chat.completions.create(**request, stream=True)
+        for choice in chunk.choices
+        if choice.logprobs is not None and choice.logprobs.content
+        for entry in choice.logprobs.content
+    ]
+    assert entries == [entry.token for entry in whole.choices[0].logprobs.content]

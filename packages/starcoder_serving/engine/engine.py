@@ -280,11 +280,13 @@ class Engine:
                 piece = "".join(parts)
                 if text.reason is FinishReason.STOP:
                     job.cancel()
-                logprobs = text.take_pending_logprobs()
                 # Text that arrived with an error is still delivered first: a stream then shows how far
-                # it got before it was cut, however the events were batched.
-                if piece or (logprobs and text.reason is not None):
-                    yield TextDelta(piece, logprobs)
+                # it got before it was cut, however the events were batched. Logprob entries wait for the
+                # text they belong to (a token may be part of a character), and are never dropped.
+                if piece or text.reason is not None or failure is not None:
+                    logprobs = text.take_pending_logprobs()
+                    if piece or logprobs:
+                        yield TextDelta(piece, logprobs)
                 if failure is not None:
                     raise failure
             if on_complete is not None:
