@@ -285,3 +285,20 @@ def test_streamed_chat_logprobs_keep_every_token(client: OpenAI) -> None:
         for entry in choice.logprobs.content
     ]
     assert entries == [entry.token for entry in whole.choices[0].logprobs.content]
+
+
+def test_the_sdks_own_assistant_message_round_trips(client: OpenAI) -> None:
+    """Real client code appends ``response.choices[0].message.model_dump()``: its null fields must be accepted."""
+    messages: list[Any] = [{"role": "user", "content": "Sum a list.", "name": "ada"}]
+    first = client.chat.completions.create(model="starcoder", messages=messages, max_tokens=6, temperature=0)
+    dumped = first.choices[0].message.model_dump()
+    assert {"refusal", "tool_calls", "function_call"} <= set(dumped)  # what the SDK emits, as null
+    messages += [dumped, {"role": "user", "content": "Now in one line."}]
+    second = client.chat.completions.create(model="starcoder", messages=messages, max_tokens=6, temperature=0)
+    assert second.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError, match="tool_calls` must be null"):
+        client.chat.completions.create(
+            model="starcoder",
+            messages=[*messages[:1], {**dumped, "tool_calls": [{"id": "1", "type": "function"}]}, messages[-1]],
+            max_tokens=2,
+        )

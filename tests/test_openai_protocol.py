@@ -132,7 +132,8 @@ def test_refused_completion_requests_name_the_parameter(body: dict[str, Any], pa
 REFUSED_CHATS: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": []}, "messages", "`messages`"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", ""),
-    ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name", "Unknown field"),
+    ({"messages": [{"role": "user", "content": "x", "nmae": "bob"}]}, "messages.0.nmae", "Unknown field"),
+    ({"messages": [{"role": "user", "content": "x", "refusal": "no"}]}, "messages.0.refusal", "must be null"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         "messages.0.content",

@@ -190,10 +190,35 @@ class TextPart(_Strict):
     text: StrictStr
 
 
+# What the official SDK writes into an assistant message it returns (``message.model_dump()``), null when
+# unused: accepted as null (or empty), refused with the reason otherwise.
+NULL_ONLY_MESSAGE_FIELDS: dict[str, str] = {
+    "refusal": "refusals are not part of this model's conversations",
+    "annotations": "message annotations are not supported",
+    "audio": "audio is not supported",
+    "function_call": "function calling is not supported by this model",
+    "tool_calls": "tool calling is not supported by this model",
+}
+
+
 class ChatMessage(_Strict):
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+    # A participant's name: accepted (the prompt templates have no place for it).
+    name: StrictStr | None = None
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: Any = None
+
+    @pydantic.field_validator(*NULL_ONLY_MESSAGE_FIELDS)
+    @classmethod
+    def _only_null(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        if value not in (None, []):
+            raise ValueError(f"must be null or left out: {NULL_ONLY_MESSAGE_FIELDS[str(info.field_name)]}")
+        return value
 
     def as_template_message(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -316,6 +341,8 @@ def describe_validation_error(error: pydantic.ValidationError) -> InvalidRequest
             text = f"Unknown field `{name}`; remove it."
         elif detail["type"] == "missing":
             text = f"`{name}` is required."
+        elif detail["type"] == "value_error":
+            text = f"`{name}` {str(detail['msg']).removeprefix('Value error, ')}."
         else:
             text = f"`{name}`: {detail['msg']} (got {_shown(detail.get('input'))})."
         problems.setdefault(name, text)
