@@ -163,7 +163,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("presence penalty out of range", {"presence_penalty": 2.5}, "`presence_penalty`"),
     ("best_of", {"best_of": 3}, "`best_of`"),
     ("logit bias", {"logit_bias": {"five": 10}}, "`logit_bias`"),
-    ("echo with logprobs", {"echo": True, "logprobs": 1}, "does not score prompt tokens"),
+    ("max_tokens 0 without echo", {"max_tokens": 0}, "only scores the prompt"),
     ("wrong type", {"extra_body": {"temperature": "hot"}}, "`temperature`"),
 ]
 

@@ -32,7 +32,7 @@ from starcoder_serving.api.openai_schema import (
     parse_completion_request,
 )
 from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
+from starcoder_serving.engine.jobs import FinishReason, GenerationPlan, TokenLogprob
 from starcoder_serving.errors import InvalidRequest, ServingError
 from starcoder_serving.text.prompts import RenderedPrompt, render_fim
 
@@ -109,6 +109,19 @@ class LegacyLogprobs:
         self._offset = start_offset
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
+    def render_prompt(self, first_token: int, scores: list[TokenLogprob]) -> dict[str, list[Any]]:
+        """The prompt's tokens: the first has nothing before it to be scored against (null)."""
+        out = {
+            "tokens": [self._texts.text_of(first_token)],
+            "token_logprobs": [None],
+            "top_logprobs": [None],
+            "text_offset": [self._offset],
+        }
+        self._offset += len(self._utf8.decode(self._texts.bytes_of(first_token)))
+        for field, values in self.render(tuple(scores)).items():
+            out[field] += values
+        return out
+
     def render(self, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for entry in logprobs:
@@ -142,8 +155,11 @@ def chat_logprobs(texts: TokenTexts, logprobs: tuple[TokenLogprob, ...]) -> dict
 @dataclasses.dataclass(frozen=True)
 class ChoicePlan:
     index: int
-    plan: GenerationPlan
+    plan: GenerationPlan | None  # None: max_tokens 0, the prompt is only scored
     echo: str = ""  # text put before the completion (completions' echo)
+    # Prompt scoring (echo with logprobs): the prompt's ids and how many alternatives each token lists.
+    scored_prompt: tuple[int, ...] = ()
+    top_logprobs: int | None = None
 
 
 @dataclasses.dataclass
@@ -156,6 +172,8 @@ class PlannedRequest:
     prompt_tokens: int  # each prompt counted once, however many choices it has
     stream: bool
     include_usage: bool
+    # Filled before generation for choices that score their prompt: entries for tokens 1..n-1.
+    prompt_scores: dict[int, list[TokenLogprob]] = dataclasses.field(default_factory=dict)
     id: str = ""
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -214,8 +232,14 @@ class OpenAIService:
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            plans = [choice.plan for choice in job.choices]
-            completions = await unless_disconnected(request, self.engine.complete_all(plans))
+            for choice in job.choices:
+                if choice.scored_prompt:  # one forward pass over the prompt, before generating
+                    job.prompt_scores[choice.index] = await self.engine.score_prompt(
+                        list(choice.scored_prompt), choice.top_logprobs or 0
+                    )
+            plans = [choice.plan for choice in job.choices if choice.plan is not None]
+            generated = await unless_disconnected(request, self.engine.complete_all(plans))
+            completions = None if generated is None else self._with_unscored(job, generated)
         except ServingError as error:
             return error_response(error)
         if completions is None:  # the client hung up; nobody reads this
@@ -243,9 +267,17 @@ class OpenAIService:
                     )
                 rendered, prompt_ids = RenderedPrompt(""), list(prompt)
                 echo = str(self.engine.tokenizer.decode(prompt_ids)) if parsed.echo else ""
-            plans = self._plans(parsed, prompt_ids, rendered, parsed.top_logprobs)
+            n = parsed.choices_per_prompt
+            plans: list[GenerationPlan | None] = (
+                [None] * n
+                if parsed.max_tokens == 0
+                else list(self._plans(parsed, prompt_ids, rendered, parsed.top_logprobs))
+            )
+            scored = tuple(prompt_ids) if parsed.scores_prompt else ()
             base = prompt_index * len(plans)
-            choices.extend(ChoicePlan(base + i, plan, echo) for i, plan in enumerate(plans))
+            choices.extend(
+                ChoicePlan(base + i, plan, echo, scored, parsed.top_logprobs) for i, plan in enumerate(plans)
+            )
             prompt_tokens += len(prompt_ids)
         return self._job(parsed, chat=False, choices=choices, prompt_tokens=prompt_tokens)
 
@@ -281,12 +313,30 @@ class OpenAIService:
 
     # ---- running ----
 
+    @staticmethod
+    def _with_unscored(job: PlannedRequest, generated: list[Completion]) -> list[Completion]:
+        """One completion per choice: a choice with nothing to generate (max_tokens 0) has an empty one."""
+        remaining = iter(generated)
+        return [
+            next(remaining)
+            if choice.plan is not None
+            else Completion("", FinishReason.LENGTH, len(choice.scored_prompt), 0)
+            for choice in job.choices
+        ]
+
     def _response(self, job: PlannedRequest, completions: list[Completion]) -> dict[str, Any]:
         choices: list[dict[str, Any]] = []
         for choice, completion in zip(job.choices, completions):
             finish_reason = FINISH_REASONS[completion.finish_reason.value]
             logprobs: dict[str, Any] | None = None
-            if choice.plan.top_logprobs is not None:
+            if choice.scored_prompt:
+                # The prompt's tokens first (the first one has no logprob, as OpenAI and vLLM show it), then
+                # the generated ones; text_offset indexes the whole text, prompt included.
+                legacy = LegacyLogprobs(self.texts, 0)
+                logprobs = legacy.render_prompt(choice.scored_prompt[0], job.prompt_scores[choice.index])
+                for field, values in legacy.render(completion.token_logprobs).items():
+                    logprobs[field] += values
+            elif choice.plan is not None and choice.plan.top_logprobs is not None:
                 logprobs = (
                     chat_logprobs(self.texts, completion.token_logprobs)
                     if job.chat
@@ -341,6 +391,7 @@ class OpenAIService:
         """One choice's chunks into ``events``, ending with a ``_ChoiceEnd``."""
         finished: list[Completion] = []
         legacy = LegacyLogprobs(self.texts, len(choice.echo))
+        assert choice.plan is not None, "prompt-only scoring is refused for streams"
         wants_logprobs = choice.plan.top_logprobs is not None
         try:
             if job.chat:

@@ -148,6 +148,8 @@ class CompletionRequest(SamplingRequest):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     suffix: StrictStr | None = None
+    # 0 is allowed with echo + logprobs: score the prompt and generate nothing (lm-evaluation-harness).
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     best_of: PositiveInt | None = None
@@ -169,11 +171,14 @@ class CompletionRequest(SamplingRequest):
                 "Leave it out (or send best_of equal to n).",
                 param="best_of",
             )
-        if self.echo and self.logprobs is not None:
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
             raise InvalidRequest(
-                "`echo` together with `logprobs` is not supported: this server does not score prompt tokens. "
-                "Send one of them.",
-                param="echo",
+                '`max_tokens` 0 only scores the prompt: send it with "echo": true and logprobs, or send max_tokens >= 1.',
+                param="max_tokens",
+            )
+        if self.scores_prompt and self.stream:
+            raise InvalidRequest(
+                'Prompt scoring (`echo` with `logprobs`) is not streamed; send "stream": false.', param="stream"
             )
         if self.suffix is not None and self.echo:
             raise InvalidRequest("`echo` cannot be combined with `suffix` (fill-in-the-middle).", param="echo")
@@ -183,6 +188,11 @@ class CompletionRequest(SamplingRequest):
     @property
     def top_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's own tokens get logprobs too (evaluation harnesses' loglikelihood)."""
+        return bool(self.echo) and self.logprobs is not None
 
 
 class TextPart(_Strict):

@@ -17,7 +17,7 @@ from typing import Any
 
 from starcoder_serving.engine import transformers_compat
 from starcoder_serving.engine.generate_worker import GenerateWorker
-from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job
+from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenLogprob
 from starcoder_serving.engine.path_choice import Path as GenerationPath
 from starcoder_serving.engine.path_choice import Route, choose_path
 from starcoder_serving.engine.sampling_params import SamplingParams
@@ -320,6 +320,30 @@ class Engine:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def score_prompt(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it (the first has none, so n - 1 entries),
+        with the ``top`` most likely alternatives: one forward pass, with the model to itself."""
+        if len(prompt_ids) > self.context_window:
+            raise InvalidRequest(
+                f"The prompt has {len(prompt_ids)} tokens; at most {self.context_window} can be scored.",
+                param="prompt",
+            )
+
+        def forward(model: Any) -> list[TokenLogprob]:
+            import torch
+
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            chosen = logprobs.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+            tops = logprobs.topk(top, dim=-1) if top else None
+            entries = []
+            for i, token_id in enumerate(prompt_ids[1:]):
+                alternatives = tuple(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else ()
+                entries.append(TokenLogprob(token_id, chosen[i], alternatives))
+            return entries
+
+        return await asyncio.wrap_future(self._worker.run_exclusive(forward))
 
     def health(self) -> str | None:
         """None when the engine can serve requests; else the reason it cannot (a replica to restart)."""

@@ -8,12 +8,15 @@ cancel flag every step, so a cancelled request stops within one token.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -23,6 +26,15 @@ from starcoder_serving.engine.transformers_compat import BaseStreamer
 from starcoder_serving.errors import GenerationFailed, Overloaded
 
 logger = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task(Generic[T]):
+    fn: Callable[[Any], T]
+    future: concurrent.futures.Future[T]
 
 
 class _CancelCriterion(StoppingCriteria):
@@ -158,12 +170,19 @@ class GenerateWorker:
         self._model_access = model_access
         self._eos_token_ids = eos_token_ids
         self._pad_token_id = pad_token_id
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | _Task[Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
+
+    def run_exclusive(self, task: Callable[[Any], T]) -> concurrent.futures.Future[T]:
+        """Run ``task(model)`` on this thread with the model to itself (the batch parked), e.g. a forward
+        pass that scores a prompt; its result or exception arrives through the future."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put(_Task(task, future))
+        return future
 
     @property
     def alive(self) -> bool:
@@ -174,7 +193,20 @@ class GenerateWorker:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            self._run_job(job)
+            if isinstance(job, _Task):
+                self._run_task(job)
+            else:
+                self._run_job(job)
+
+    def _run_task(self, task: _Task[Any]) -> None:
+        if not task.future.set_running_or_notify_cancel():
+            return
+        access = self._model_access
+        try:
+            with access.exclusive() if access is not None else contextlib.nullcontext(), torch.inference_mode():
+                task.future.set_result(task.fn(self._model))
+        except Exception as exc:  # noqa: BLE001 - delivered to the caller, the worker lives on
+            task.future.set_exception(exc)
 
     def _run_job(self, job: Job) -> None:
         if job.cancelled.is_set():
