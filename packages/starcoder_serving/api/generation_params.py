@@ -41,7 +41,6 @@ PYTHON_ONLY_PARAMETERS: dict[str, str] = {
     "trust_remote_code": "loading code from the hub is disabled on this server",
     "tokenizer": "the server uses the model's own tokenizer",
     "input_ids": 'send the text as "prompt" instead',
-    "inputs": 'send the text as "prompt" instead',
     "attention_mask": "the server builds the attention mask itself",
     "stop_strings": 'this server takes stop sequences as "stop": ["..."]',
     "output_scores": "per-token log-probabilities are served by /v1/completions (logprobs)",

@@ -9,11 +9,12 @@ from typing import Any
 
 import pydantic
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from starcoder_serving.api import envelope
 from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
 from starcoder_serving.api.predict_schema import PredictRequest
+from starcoder_serving.api.tgi_route import TgiService
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import GenerationPlan
 from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
@@ -32,10 +33,13 @@ class StreamAborted(Exception):
 class PredictService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.tgi = TgiService(engine)
 
-    async def handle(self, request: Request) -> dict[str, Any] | JSONResponse | StreamingResponse:
+    async def handle(self, request: Request) -> dict[str, Any] | Response:
         try:
             body = await read_json_object(request, EXAMPLE_BODY)
+            if "inputs" in body:  # TGI's request shape (IDE plugins, huggingface_hub): see tgi_schema.py
+                return await self.tgi.handle(request, body)
             parsed = self.parse(body)
             rendered = self.render(parsed)
             # Tokenizing a long prompt takes a while: off the event loop, so other streams keep flowing.
