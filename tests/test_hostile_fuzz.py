@@ -35,6 +35,7 @@ FIELDS = {
         "max_new_tokens", "max_length", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
         "repetition_penalty", "num_beams", "do_sample", "bad_words_ids", "suppress_tokens",
         "exponential_decay_length_penalty", "num_return_sequences", "max_time", "streamer", "unknown",
+        "inputs", "parameters",  # TGI's shape on the same route
     ],
     "/v1/completions": [
         "prompt", "suffix", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
@@ -84,8 +85,9 @@ def url(server: RunningServer, route: str) -> str:
 
 def error_text(response: httpx.Response) -> str:
     body = response.json()
-    if "error" in body:
-        return str(body["error"]["message"])
+    if "error" in body:  # OpenAI's {"error": {"message"}} or TGI's {"error": "...", "error_type"}
+        error = body["error"]
+        return str(error if isinstance(error, str) else error["message"])
     return str(body["message"])
 
 
