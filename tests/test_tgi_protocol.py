@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import huggingface_hub.constants
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as TgiValidationError
@@ -16,7 +17,11 @@ PROMPT = "def compute_fib(n):"
 
 @pytest.fixture(scope="module")
 def hub(server: RunningServer) -> Iterator[InferenceClient]:
-    yield InferenceClient(model=server.predict_url)
+    # `make test` sets HF_HUB_OFFLINE=1 so nothing reaches the hub; huggingface_hub then refuses every
+    # request, even to this local server. A user's client is not offline: lift it for the client alone.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        yield InferenceClient(model=server.predict_url)
 
 
 def seed_contract(server: RunningServer, **fields: object) -> dict[str, object]:
