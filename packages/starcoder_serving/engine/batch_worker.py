@@ -142,7 +142,8 @@ class BatchedWorker:
             max_requests=max_requests,
             eos_token_ids=self._eos_token_ids,
             device=model.device,
-            static_graph=cuda_graphs,
+            # A captured graph (or a compiled step) is fixed: every row operation must then run every step.
+            static_graph=cuda_graphs or compile_level > 0,
         )
         compat.install_logits_processor(self._manager, self.sampler)
         compat.install_output_router(self._manager, _JobRouter(self))
