@@ -236,3 +236,20 @@ def test_hostile_values_never_change_fail_or_stall_their_neighbours(engine: Engi
             else:
                 assert isinstance(outcome, Completion), (name, outcome)
     assert engine.requests_in_progress == 0
+
+
+def test_graph_mode_runs_every_operation_every_step_with_the_same_answers(tiny_model_dir: Path, solo: Engine) -> None:
+    """With CUDA graphs or torch.compile the sampler cannot skip operations per step; the answers must not change.
+    (The mode is switched on directly: CUDA graphs need a GPU.)"""
+    engine = Engine.load(tiny_settings(tiny_model_dir), DATA_DIR)
+    try:
+        assert engine._batched is not None
+        engine._batched.sampler._static_graph = True
+        cases = ["repetition_penalty", "presence_penalty", "min_new_tokens", "no_repeat_ngram_size", "logprobs"]
+        for case in cases:
+            p = plan(engine, PROMPTS[0], **GREEDY_CASES[case])
+            assert_same(one(engine, p), one(solo, p), f"{case} in graph mode")
+        seeded = plan(engine, PROMPTS[1], do_sample=True, temperature=0.8, top_p=0.9, typical_p=0.9, seed=3)
+        assert one(engine, seeded).text == one(engine, seeded).text
+    finally:
+        engine.shutdown()
