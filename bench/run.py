@@ -4,15 +4,10 @@
     make bench BENCH_ARGS="--base-url https://model-xxxx.api.baseten.co/environments/production --api-key KEY"
     make bench BENCH_ARGS="--gpu"                          # StarCoder-15.5B-shaped random weights on a CUDA GPU
 
-Locally it starts two servers (both up, but only one is ever under load: they share the CPU): the
+Locally it starts two servers one after the other (never together: they would share the CPU): the
 server as configured (continuous batching) and the same server with STARCODER_CONTINUOUS_BATCHING=0,
 which routes every request through the seed's one-at-a-time ``generate()``. Both get the same load,
 and the throughput ratio at each concurrency level is printed.
-
-Two profiles (--profile, default both): ``greedy``, identical greedy predict requests; ``mixed``, what
-clients really send (bench/mixed.py: IDE fill-in-the-middle, NVIDIA-shaped seeded completions, chat with
-presence_penalty, logprobs, min_new_tokens), reported per class with each class's p95 latency over the
-greedy profile's at the same level.
 """
 
 from __future__ import annotations
@@ -44,23 +39,12 @@ from bench.loadgen import (
     run_level,
     warmup,
 )
-from bench.mixed import CLASSES, MixedLevel, MixedSpec, mixed_warmup, run_mixed_level, with_greedy_reference
-from bench.report import (
-    BenchReport,
-    ServerRun,
-    compute_mixed_ratios,
-    compute_ratios,
-    markdown_table,
-    mixed_targets,
-    write,
-)
+from bench.mixed import MixedLevel, MixedSpec, mixed_table, run_mixed_level
+from bench.report import BenchReport, ServerRun, compute_mixed_ratios, compute_ratios, markdown_table, write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_PREDICT_PATH = "/v1/models/model:predict"
 BASETEN_PREDICT_PATH = "/predict"
-# The OpenAI routes (mixed profile): Baseten serves them under /sync/v1 (see README).
-LOCAL_OPENAI_PATH = "/v1"
-BASETEN_OPENAI_PATH = "/sync/v1"
 # name, description, extra environment for the server
 LOCAL_SERVERS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("batched", "this server, continuous batching on", {"STARCODER_CONTINUOUS_BATCHING": "1"}),
@@ -98,11 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument(
         "--predict-path", help=f"default {LOCAL_PREDICT_PATH} locally, {BASETEN_PREDICT_PATH} with --base-url"
     )
-    target.add_argument(
-        "--openai-path",
-        help=f"prefix of /completions and /chat/completions (mixed profile): default {LOCAL_OPENAI_PATH} locally, "
-        f"{BASETEN_OPENAI_PATH} with --base-url",
-    )
     target.add_argument("--no-seed", action="store_true", help="local: skip the seed (one-at-a-time) server")
     target.add_argument(
         "--gpu",
@@ -114,8 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         choices=("greedy", "mixed", "both"),
         default="both",
-        help="greedy: identical greedy requests; mixed: what real clients send, five classes (fim, nvidia, chat, "
-        "logprobs, min_tokens; bench/mixed.py); both (default): at each level greedy then mixed",
+        help="greedy: identical greedy requests; mixed: what real clients send (bench/mixed.py); both (default)",
     )
     load.add_argument("--prompt-tokens", type=int, default=32, help="prompt length P in tokens (default 32)")
     load.add_argument("--new-tokens", type=int, default=32, help="output length L per request (default 32)")
@@ -190,7 +168,6 @@ class Target:
     spec: LoadSpec
     base_url: str = ""
     predict_path: str = LOCAL_PREDICT_PATH
-    openai_path: str = LOCAL_OPENAI_PATH
     check: WarmupCheck | None = None
     levels: list[LevelResult] = dataclasses.field(default_factory=list)
     mixed: list[MixedLevel] = dataclasses.field(default_factory=list)
@@ -199,23 +176,6 @@ class Target:
         assert self.check is not None
         return ServerRun(name=self.name, description=self.description, warmup=self.check, levels=self.levels)
 
-    def mixed_spec(self) -> MixedSpec:
-        """The mixed profile with the greedy profile's prompt, length and request count."""
-        return MixedSpec(
-            base_url=self.base_url,
-            predict_path=self.predict_path,
-            openai_path=self.openai_path,
-            prompt=self.spec.prompt,
-            new_tokens=self.spec.max_new_tokens,
-            requests_per_client=self.spec.requests_per_client,
-            timeout_s=self.spec.timeout_s,
-            headers=self.spec.headers,
-        )
-
-    def greedy_p95_at(self, concurrency: int) -> float | None:
-        level = next((lv for lv in self.levels if lv.concurrency == concurrency), None)
-        return None if level is None else level.latency_s.p95
-
 
 async def drive(
     targets: list[Target], prompts: list[str], levels: list[int], warmup_requests: int, profile: str = "greedy"
@@ -223,16 +183,46 @@ async def drive(
     """Warm every target up, then run each level against each target in turn.
 
     Interleaving per level (batched c=1, seed c=1, batched c=2, ...) rather than one server after
-    the other spreads any background load on a shared machine over both servers alike. With both
-    profiles, a level's greedy runs come just before its mixed runs, which they are the reference of.
+    the other spreads any background load on a shared machine over both servers alike.
     """
     clients = [make_client(t.spec, max(levels)) for t in targets]
     try:
-        await warm_up(targets, clients, prompts, warmup_requests, profile)
-        for concurrency in levels:
-            for target, client in zip(targets, clients) if profile in ("greedy", "both") else []:
-                await drive_greedy_level(target, client, concurrency)
-            for target, client in zip(targets, clients) if profile in ("mixed", "both") else []:
+        # One prompt for every target: the first whose greedy completion runs the full L tokens.
+        first = targets[0]
+        first.spec, first.check = await full_length_prompt(clients[0], first.spec, prompts)
+        for target in targets[1:]:
+            target.spec = target.spec.model_copy(update={"prompt": first.spec.prompt})
+        for target, client in zip(targets, clients):
+            target.check = await warmup(client, target.spec)
+            print(
+                f"[{target.name}] warm-up: prompt_tokens={target.check.prompt_tokens} "
+                f"completion_tokens={target.check.completion_tokens} finish_reason={target.check.finish_reason} "
+                f"({target.check.latency_s:.2f} s)",
+                flush=True,
+            )
+            # The first requests pay one-off costs (allocator growth, thread pools, lazy imports); a
+            # few streamed ones, sent together, keep those out of the first measured level.
+            if warmup_requests:
+                await asyncio.gather(*(one_request(client, target.spec) for _ in range(warmup_requests)))
+        for concurrency in levels if profile in ("greedy", "both") else []:
+            for target, client in zip(targets, clients):
+                total = concurrency * target.spec.requests_per_client
+                with tqdm(total=total, desc=f"{target.name} c={concurrency}", unit="req", leave=False) as bar:
+
+                    def done(sample: RequestSample, bar: tqdm = bar) -> None:
+                        bar.update(1)
+
+                    level = await run_level(client, target.spec, concurrency, target.check, on_done=done)
+                target.levels.append(level)
+                print(
+                    f"[{target.name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
+                    f"p50 latency {level.latency_s.p50 or 0:.2f} s  failures {level.failures}",
+                    flush=True,
+                )
+                if level.failures:
+                    print(f"[{target.name}]   errors: {level.errors}", flush=True)
+        for concurrency in levels if profile in ("mixed", "both") else []:
+            for target, client in zip(targets, clients):
                 await drive_mixed_level(target, client, concurrency)
     finally:
         for client in clients:
@@ -240,65 +230,22 @@ async def drive(
     return [t.result() for t in targets], {t.name: t.mixed for t in targets if t.mixed}
 
 
-async def warm_up(
-    targets: list[Target], clients: list[httpx.AsyncClient], prompts: list[str], warmup_requests: int, profile: str
-) -> None:
-    # One prompt for every target: the first whose greedy completion runs the full L tokens.
-    first = targets[0]
-    first.spec, first.check = await full_length_prompt(clients[0], first.spec, prompts)
-    for target in targets[1:]:
-        target.spec = target.spec.model_copy(update={"prompt": first.spec.prompt})
-    for target, client in zip(targets, clients):
-        target.check = await warmup(client, target.spec)
-        print(
-            f"[{target.name}] warm-up: prompt_tokens={target.check.prompt_tokens} "
-            f"completion_tokens={target.check.completion_tokens} finish_reason={target.check.finish_reason} "
-            f"({target.check.latency_s:.2f} s)",
-            flush=True,
-        )
-        # The first requests pay one-off costs (allocator growth, thread pools, lazy imports); a
-        # few streamed ones, sent together, keep those out of the first measured level.
-        if warmup_requests:
-            await asyncio.gather(*(one_request(client, target.spec) for _ in range(warmup_requests)))
-        if profile in ("mixed", "both"):
-            # Every class once, so a refused class stops the run now, not after the greedy levels.
-            for warning in await mixed_warmup(client, target.mixed_spec()):
-                print(f"[{target.name}] mixed warm-up: {warning}", flush=True)
-            print(f"[{target.name}] mixed warm-up: {', '.join(CLASSES)} served", flush=True)
-
-
-async def drive_greedy_level(target: Target, client: httpx.AsyncClient, concurrency: int) -> None:
-    assert target.check is not None
-    total = concurrency * target.spec.requests_per_client
-    with tqdm(total=total, desc=f"{target.name} c={concurrency}", unit="req", leave=False) as bar:
-
-        def done(sample: RequestSample) -> None:
-            bar.update(1)
-
-        level = await run_level(client, target.spec, concurrency, target.check, on_done=done)
-    target.levels.append(level)
-    print(
-        f"[{target.name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
-        f"p50 latency {level.latency_s.p50 or 0:.2f} s  failures {level.failures}",
-        flush=True,
-    )
-    if level.failures:
-        print(f"[{target.name}]   errors: {level.errors}", flush=True)
-
-
 async def drive_mixed_level(target: Target, client: httpx.AsyncClient, concurrency: int) -> None:
-    spec = target.mixed_spec()
+    spec = MixedSpec(
+        base_url=target.base_url,
+        predict_path=target.predict_path,
+        prompt=target.spec.prompt,
+        new_tokens=target.spec.max_new_tokens,
+        requests_per_client=target.spec.requests_per_client,
+        timeout_s=target.spec.timeout_s,
+        headers=target.spec.headers,
+    )
     total = concurrency * spec.requests_per_client
     with tqdm(total=total, desc=f"{target.name} mixed c={concurrency}", unit="req", leave=False) as bar:
         level = await run_mixed_level(client, spec, concurrency, on_done=lambda _: bar.update(1))
-    # The greedy profile's p95 at this level (None with --profile mixed): each class's p95 is divided by it.
-    level = with_greedy_reference(level, target.greedy_p95_at(concurrency))
     target.mixed.append(level)
-    slowest = level.slowest_class()
-    worst = "" if slowest is None else f"  slowest p95/greedy {slowest.p95_vs_greedy:.2f}x ({slowest.request_class})"
     print(
-        f"[{target.name}] mixed c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "
-        f"failures {level.failures}{worst}",
+        f"[{target.name}] mixed c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  failures {level.failures}",
         flush=True,
     )
     if level.failures:
@@ -335,8 +282,7 @@ def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
                 timeout_s=args.timeout,
                 pin_length=args.pin_length,
             )
-            paths = (args.predict_path or LOCAL_PREDICT_PATH, args.openai_path or LOCAL_OPENAI_PATH)
-            targets.append(Target(name, description, spec, server.base_url, *paths))
+            targets.append(Target(name, description, spec, server.base_url, args.predict_path or LOCAL_PREDICT_PATH))
         runs = asyncio.run(drive(targets, prompts, levels, args.warmup_requests, args.profile))
         return runs, "http://127.0.0.1 (local Truss servers)"
 
@@ -357,8 +303,7 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
         headers=headers,
         pin_length=args.pin_length,
     )
-    paths = (args.predict_path or BASETEN_PREDICT_PATH, args.openai_path or BASETEN_OPENAI_PATH)
-    target = Target("remote", f"deployment at {base_url}", spec, base_url, *paths)
+    target = Target("remote", f"deployment at {base_url}", spec, base_url, args.predict_path or BASETEN_PREDICT_PATH)
     return asyncio.run(drive([target], prompts, levels, args.warmup_requests, args.profile)), base_url
 
 
@@ -390,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench failed: {error}", file=sys.stderr)
         return 1
     batched, seed = (runs[0], runs[1]) if len(runs) == 2 else (None, None)
-    mixed_ratios = compute_mixed_ratios(mixed["batched"], mixed["seed"]) if {"batched", "seed"} <= set(mixed) else []
     report = BenchReport(
         label=args.label or ("remote" if remote else "local-cpu"),
         mode="remote" if remote else "local",
@@ -409,10 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         runs=runs,
         ratios=compute_ratios(batched, seed) if batched and seed and batched.levels else [],
         mixed=mixed,
-        mixed_ratios=mixed_ratios,
-        profile=args.profile,
-        mixed_classes=list(CLASSES) if mixed else [],
-        mixed_targets=mixed_targets(mixed, mixed_ratios) if mixed else [],
+        mixed_ratios=compute_mixed_ratios(mixed["batched"], mixed["seed"]) if {"batched", "seed"} <= set(mixed) else [],
     )
     json_path, png_path = write(report, args.out_dir)
     print()
@@ -427,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if report.mixed:
         print()
+        print(mixed_table(report.mixed))
         for ratio in report.mixed_ratios:
             shown = "n/a" if ratio.ratio is None else f"{ratio.ratio:.2f}x"
             print(
