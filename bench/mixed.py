@@ -68,6 +68,8 @@ class MixedSpec(pydantic.BaseModel):
 
     base_url: str
     predict_path: str
+    # "/v1" on the local server; a Baseten deployment serves the OpenAI routes under "/sync/v1".
+    openai_path: str = "/v1"
     prompt: str
     new_tokens: int
     requests_per_client: int
@@ -107,12 +109,12 @@ def request_for(spec: MixedSpec, request_class: str, index: int) -> tuple[str, d
             "frequency_penalty": 0,
             **common,
         }
-        return "/v1/completions", body, True
+        return spec.openai_path + "/completions", body, True
     if request_class == "chat":
         messages = [{"role": "user", "content": prompt}]
-        return "/v1/chat/completions", {"messages": messages, "presence_penalty": 0.5, **common}, True
+        return spec.openai_path + "/chat/completions", {"messages": messages, "presence_penalty": 0.5, **common}, True
     if request_class == "logprobs":
-        return "/v1/completions", {"prompt": prompt, "logprobs": 2, "temperature": 0, **common}, True
+        return spec.openai_path + "/completions", {"prompt": prompt, "logprobs": 2, "temperature": 0, **common}, True
     raise ValueError(f"unknown request class {request_class!r}")
 
 

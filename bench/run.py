@@ -168,6 +168,7 @@ class Target:
     spec: LoadSpec
     base_url: str = ""
     predict_path: str = LOCAL_PREDICT_PATH
+    openai_path: str = "/v1"  # a Baseten deployment: "/sync/v1"
     check: WarmupCheck | None = None
     levels: list[LevelResult] = dataclasses.field(default_factory=list)
     mixed: list[MixedLevel] = dataclasses.field(default_factory=list)
@@ -234,6 +235,7 @@ async def drive_mixed_level(target: Target, client: httpx.AsyncClient, concurren
     spec = MixedSpec(
         base_url=target.base_url,
         predict_path=target.predict_path,
+        openai_path=target.openai_path,
         prompt=target.spec.prompt,
         new_tokens=target.spec.max_new_tokens,
         requests_per_client=target.spec.requests_per_client,
@@ -303,7 +305,9 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
         headers=headers,
         pin_length=args.pin_length,
     )
-    target = Target("remote", f"deployment at {base_url}", spec, base_url, args.predict_path or BASETEN_PREDICT_PATH)
+    target = Target(
+        "remote", f"deployment at {base_url}", spec, base_url, args.predict_path or BASETEN_PREDICT_PATH, "/sync/v1"
+    )
     return asyncio.run(drive([target], prompts, levels, args.warmup_requests, args.profile)), base_url
 
 
