@@ -73,9 +73,7 @@ CASES: dict[str, Case] = {
     "no_repeat_ngram_size_2": Case(fixed({"no_repeat_ngram_size": 2}), ("repeat_2", "fib")),
     "no_repeat_ngram_size_3": Case(fixed({"no_repeat_ngram_size": 3}), ("repeat_3", "fn")),
     "bad_words_ids_single": Case(lambda g: {"bad_words_ids": [[g["fib"][1]], [g["fn"][2]], [g["fn"][9]]]}),
-    "bad_words_ids_multi": Case(
-        lambda g: {"bad_words_ids": [g["fib"][3:5], g["fn"][5:8], [10, 11, 12]]}
-    ),
+    "bad_words_ids_multi": Case(lambda g: {"bad_words_ids": [g["fib"][3:5], g["fn"][5:8], [10, 11, 12]]}),
     "bad_words_ids_mixed": Case(lambda g: {"bad_words_ids": [[g["fib"][6]], g["fn"][1:3], [g["fn"][10]]]}),
     "suppress_tokens": Case(lambda g: {"suppress_tokens": [g["fib"][2], g["fn"][4], g["fn"][12]]}),
     "begin_suppress_tokens": Case(lambda g: {"begin_suppress_tokens": sorted({g[name][0] for name in LONG})}),
@@ -104,19 +102,25 @@ CASES: dict[str, Case] = {
 KNOWN_BUGS: dict[str, tuple[Case, str]] = {
     "bad_words_ids_eos": (
         Case(fixed({"bad_words_ids": [[0]]}), ENDING),
-        "PACKAGE BUG: transformers' NoBadWordsLogitsProcessor drops a single-token bad word that is an end token "
-        "(generate() still ends with <|endoftext|>); BatchSampler bans it like suppress_tokens, so the batch runs "
-        "to max_new_tokens instead",
+        (
+            "PACKAGE BUG: transformers' NoBadWordsLogitsProcessor drops a single-token bad word that is an end token "
+            "(generate() still ends with <|endoftext|>); BatchSampler bans it like suppress_tokens, so the batch runs "
+            "to max_new_tokens instead"
+        ),
     ),
     "logit_bias_with_repetition_penalty": (
         Case(lambda g: {"repetition_penalty": 3.0, "logit_bias": {g["fib"][0]: 2.0, g["fn"][0]: 2.0, 295: 3.0}}),
-        "PACKAGE BUG: generate() adds logit_bias after transformers' repetition penalty (LogitBias runs after "
-        "the built-in processors), BatchSampler adds it before, so penalised biased tokens score differently",
+        (
+            "PACKAGE BUG: generate() adds logit_bias after transformers' repetition penalty (LogitBias runs after "
+            "the built-in processors), BatchSampler adds it before, so penalised biased tokens score differently"
+        ),
     ),
     "logit_bias_on_eos_with_exponential_decay": (
         Case(fixed({"exponential_decay_length_penalty": (2, 1.5), "logit_bias": {0: -3.0}})),
-        "PACKAGE BUG: BatchSampler applies the decay to the end token's biased score (bias first), generate() "
-        "to its raw score (bias after the decay), so the answers end at different lengths",
+        (
+            "PACKAGE BUG: BatchSampler applies the decay to the end token's biased score (bias first), generate() "
+            "to its raw score (bias after the decay), so the answers end at different lengths"
+        ),
     ),
 }
 
@@ -195,7 +199,11 @@ def together(engine: Engine, plans: Sequence[GenerationPlan]) -> list[Completion
 
 
 def assert_same(got: Completion, want: Completion, label: str) -> None:
-    assert (got.text, got.completion_tokens, got.finish_reason) == (want.text, want.completion_tokens, want.finish_reason), (
+    assert (got.text, got.completion_tokens, got.finish_reason) == (
+        want.text,
+        want.completion_tokens,
+        want.finish_reason,
+    ), (
         f"{label}: the batch answered {got.text!r} ({got.completion_tokens} tokens, {got.finish_reason.value}); "
         f"generate() answered {want.text!r} ({want.completion_tokens} tokens, {want.finish_reason.value})"
     )
@@ -298,7 +306,10 @@ def test_each_case_changes_some_answer(bench: Bench, name: str) -> None:
     changed = [
         prompt
         for prompt in case.prompts
-        if (bench.reference_answer(prompt, parameters).text, bench.reference_answer(prompt, parameters).completion_tokens)
+        if (
+            bench.reference_answer(prompt, parameters).text,
+            bench.reference_answer(prompt, parameters).completion_tokens,
+        )
         != (bench.reference_answer(prompt, {}).text, bench.reference_answer(prompt, {}).completion_tokens)
     ]
     assert changed, f"{name} changed none of {case.prompts}' answers: pick prompts where it matters"
@@ -340,7 +351,9 @@ def test_a_seeded_sample_is_the_same_alone_and_under_load(bench: Bench, neighbou
     assert [c.text for c in results[: len(plans)]] == alone, f"{name}: the sample depends on its neighbours"
     check_neighbours(results[len(plans) :], neighbours, name)
     # The samples are samples: another seed changes some, and they are not all the greedy answer.
-    other_seed = [c.text for c in together(engine, [bench.plan(engine, p, {**parameters, "seed": 8}) for p in SAMPLED_PROMPTS])]
+    other_seed = [
+        c.text for c in together(engine, [bench.plan(engine, p, {**parameters, "seed": 8}) for p in SAMPLED_PROMPTS])
+    ]
     assert other_seed != alone, f"{name}: seeds 7 and 8 gave the same texts for every prompt"
     greedy = [bench.reference_answer(prompt, {}).text for prompt in SAMPLED_PROMPTS]
     assert alone != greedy, f"{name}: sampling gave the greedy answer for every prompt"

@@ -62,7 +62,9 @@ def token_mix(vocab_size: int) -> torch.Tensor:
 
 
 def noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int = 64) -> torch.Tensor:
-    return gumbel_noise(torch.tensor(seeds, dtype=torch.long), torch.tensor(steps, dtype=torch.long), token_mix(vocab_size))
+    return gumbel_noise(
+        torch.tensor(seeds, dtype=torch.long), torch.tensor(steps, dtype=torch.long), token_mix(vocab_size)
+    )
 
 
 # ---- gumbel_noise ----
@@ -167,7 +169,9 @@ def test_banned_by_bad_words_matches_no_bad_words_logits_processor() -> None:
     vocab_size, multi_token_bans = 5, 0
     for _ in range(400):
         # Token ids from 1: transformers drops a lone end-token word when told the end tokens (not here).
-        words = [tuple(rng.randrange(1, vocab_size) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+        words = [
+            tuple(rng.randrange(1, vocab_size) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))
+        ]
         tokens = [rng.randrange(vocab_size) for _ in range(rng.randint(1, 16))]
         processor = NoBadWordsLogitsProcessor([list(word) for word in words], eos_token_id=None)
         want = banned_by_transformers(processor, tokens, vocab_size)
@@ -193,7 +197,9 @@ class Row:
 
     def __init__(self, request_id: str, plan: GenerationPlan) -> None:
         self.plan = plan
-        self.state = RequestState(request_id=request_id, initial_tokens=list(plan.prompt_ids), logit_processor_kwargs={"plan": plan})
+        self.state = RequestState(
+            request_id=request_id, initial_tokens=list(plan.prompt_ids), logit_processor_kwargs={"plan": plan}
+        )
         self.request = BatchRequest(self.state, True, {}, 1)
         self.finished = False
 
@@ -244,7 +250,9 @@ def transformers_row(plan: GenerationPlan, tokens: Sequence[int], scores: torch.
     return processors(torch.tensor([list(tokens)], dtype=torch.long), scores.unsqueeze(0).clone())[0]
 
 
-def run_steps(batch: BatchSampler, rows: list[Row], steps: int, seed: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+def run_steps(
+    batch: BatchSampler, rows: list[Row], steps: int, seed: int
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Drive the sampler as the manager does; per row and step: (raw scores, the sampler's row, transformers' row)."""
     generator = torch.Generator().manual_seed(seed)
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {row.state.request_id: [] for row in rows}
@@ -304,7 +312,9 @@ def test_each_row_is_processed_as_transformers_would_alone() -> None:
         acted = False
         for step, (raw, got, want) in enumerate(steps):
             where = f"{request_id} step {step}"
-            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), f"{where}: kept {torch.isfinite(got).nonzero().flatten().tolist()}, transformers {torch.isfinite(want).nonzero().flatten().tolist()}"
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (
+                f"{where}: kept {torch.isfinite(got).nonzero().flatten().tolist()}, transformers {torch.isfinite(want).nonzero().flatten().tolist()}"
+            )
             if request_id.startswith("greedy"):
                 finite = torch.isfinite(want)
                 assert torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5), where
@@ -315,7 +325,9 @@ def test_each_row_is_processed_as_transformers_would_alone() -> None:
             assert acted, f"{request_id}: its parameters never changed a score; the comparison proves nothing"
     # Sampled rows really sampled: not every choice was the most likely kept token.
     sampled_choices = [
-        (int(got.argmax()), int(want.argmax())) for request_id, steps in seen.items() if request_id.startswith("sampled")
+        (int(got.argmax()), int(want.argmax()))
+        for request_id, steps in seen.items()
+        if request_id.startswith("sampled")
         for _, got, want in steps
     ]
     assert sum(a != b for a, b in sampled_choices) > 5
@@ -340,7 +352,12 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours() -> None:
         return chosen
 
     alone = draws([])
-    assert draws([make_plan([3], do_sample=True, seed=1), make_plan([4], repetition_penalty=2.0), make_plan([5], logprobs=5)]) == alone
+    assert (
+        draws(
+            [make_plan([3], do_sample=True, seed=1), make_plan([4], repetition_penalty=2.0), make_plan([5], logprobs=5)]
+        )
+        == alone
+    )
     assert draws([make_plan([6], do_sample=True, top_k=2, seed=42)] * 3) == alone
     assert len(set(alone)) > 3, "ten draws at temperature 1.3 from random logits should vary"
 

@@ -157,7 +157,9 @@ def parse_sse(request: Request, raw: bytes) -> tuple[bytes, bool, str]:
             continue
         usage = event.get("usage") or usage
         for choice in event.get("choices") or []:
-            piece = choice.get("text") if request.route == "/v1/completions" else (choice.get("delta") or {}).get("content")
+            piece = (
+                choice.get("text") if request.route == "/v1/completions" else (choice.get("delta") or {}).get("content")
+            )
             text.append(piece or "")
             if choice.get("finish_reason"):
                 finish.append(choice["finish_reason"])

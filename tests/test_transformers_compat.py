@@ -132,14 +132,18 @@ def test_requirements_pin_the_compat_version() -> None:
     for name in ("requirements-dev.txt", "config.yaml"):
         text = (REPO_ROOT / name).read_text()
         pins = re.findall(r"^\s*(?:-\s*)?transformers==(\S+)\s*$", text, flags=re.MULTILINE)
-        assert pins == [PINNED_TRANSFORMERS], f"{name} pins transformers {pins}; transformers_compat pins {PINNED_TRANSFORMERS}"
+        assert pins == [PINNED_TRANSFORMERS], (
+            f"{name} pins transformers {pins}; transformers_compat pins {PINNED_TRANSFORMERS}"
+        )
 
 
 def test_install_logits_processor(manager: Any, model: Any) -> None:
     processor = ForcingProcessor()
     compat.install_logits_processor(manager, processor)
     processors = manager.logit_processor
-    assert list(processors.logits_processor) == [processor], broken("the manager's logit_processor list is not ours alone")
+    assert list(processors.logits_processor) == [processor], broken(
+        "the manager's logit_processor list is not ours alone"
+    )
     assert processors.tensors_required == 1 and processors.do_processing, broken(
         "ContinuousBatchingLogitsProcessorList.tensors_required / do_processing"
     )
@@ -190,7 +194,9 @@ def test_install_output_router(manager: Any) -> None:
     compat.install_output_router(manager, Router())
     compat.install_logits_processor(manager, ForcingProcessor())
     manager.start()
-    manager.add_request([42, 5], request_id="streamed", max_new_tokens=3, streaming=True, eos_token_id=[EOS], plan=plan_for([42, 5]))
+    manager.add_request(
+        [42, 5], request_id="streamed", max_new_tokens=3, streaming=True, eos_token_id=[EOS], plan=plan_for([42, 5])
+    )
     assert finished.wait(60), broken("the manager no longer delivers each step's outputs through manager.output_router")
     mine = [output for output in delivered if output.request_id == "streamed"]
     assert [output.generated_tokens for output in mine] == [[42], [42, 42], [42, 42, 42]], broken(
@@ -239,7 +245,9 @@ def test_original_attention_implementation(manager: Any, tiny_model_dir: Path) -
     switched = build_manager(eager)
     try:
         assert compat.original_attention_implementation(switched) == "eager", broken("manager._original_attn_impl")
-        assert compat.attention_implementation(eager) == "paged|eager", broken("eager is no longer switched to paged|eager")
+        assert compat.attention_implementation(eager) == "paged|eager", broken(
+            "eager is no longer switched to paged|eager"
+        )
         eager.set_attn_implementation(compat.original_attention_implementation(switched))
         assert compat.attention_implementation(eager) == "eager"
     finally:
@@ -257,7 +265,14 @@ def test_attention_implementation(model: Any, tiny_model_dir: Path) -> None:
 def test_default_generation_params(model: Any) -> None:
     defaults = compat.default_generation_params(model.generation_config)
     assert isinstance(defaults, dict)
-    expected = {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0, "num_beams": 1, "do_sample": False}
+    expected = {
+        "top_k": 50,
+        "top_p": 1.0,
+        "temperature": 1.0,
+        "repetition_penalty": 1.0,
+        "num_beams": 1,
+        "do_sample": False,
+    }
     for name, value in expected.items():
         assert defaults.get(name) == value, broken(f"GenerationConfig._get_default_generation_params()[{name!r}]")
     # Why the function exists: a fresh GenerationConfig leaves these unset and generate() fills them in.
@@ -336,9 +351,9 @@ def test_reexported_classes() -> None:
         assert callable(getattr(compat.OutputRouter, name, None)), broken(f"OutputRouter.{name}")
     fields = set(compat.GenerationOutput.__dataclass_fields__)
     assert {"request_id", "generated_tokens", "error"} <= fields, broken("GenerationOutput fields")
-    assert callable(getattr(compat.BaseStreamer, "put", None)) and callable(getattr(compat.BaseStreamer, "end", None)), broken(
-        "BaseStreamer.put / end"
-    )
+    assert callable(getattr(compat.BaseStreamer, "put", None)) and callable(
+        getattr(compat.BaseStreamer, "end", None)
+    ), broken("BaseStreamer.put / end")
 
 
 def test_every_compat_function_has_a_contract_test() -> None:
