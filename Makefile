@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv serve test bench tiny-model clean
+.PHONY: venv serve test bench eval tiny-model clean
 
 # Rebuilt when the pins change. Truss's server needs its own requirements (as its Docker image
 # installs them), bounded by its constraints file; its `-i` line is dropped so pip's configured
@@ -36,6 +36,10 @@ test: venv
 
 bench: venv
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# HumanEval against a running server: `make serve` in another shell, or --base-url/--api-key for a deployment.
+eval: venv
+	$(PY) -m evals.humaneval --port $(PORT) $(EVAL_ARGS)
 
 clean:
 	rm -rf .cache .pytest_cache .hypothesis

@@ -1,12 +1,16 @@
-"""Build a tiny StarCoder-shaped checkpoint locally: no download, deterministic, a few seconds.
+"""Build tiny checkpoints of the family's two architectures locally: no download, deterministic, seconds.
 
-Same architecture as bigcode/starcoder (``gpt_bigcode``, multi-query attention, learned absolute
-positions over an 8192-token window) and a byte-level BPE tokenizer whose special tokens sit at
-StarCoder's ids, so every code path (FIM, stop at ``<|endoftext|>``, context-window checks) runs
-exactly as it does on the real model. The weights are random, so the text is gibberish, but it is
-the same gibberish on every machine.
+* ``starcoder``: bigcode/starcoder's architecture (``gpt_bigcode``, multi-query attention, learned absolute
+  positions over an 8192-token window).
+* ``starcoder2``: StarCoder2's (``starcoder2``: grouped-query attention, RoPE, 16,384 positions, a sliding
+  window; the window is scaled down with everything else, to 512 tokens, so short test prompts cross it).
+
+Each has a byte-level BPE tokenizer whose special tokens sit at the real model's ids, so every code path
+(FIM, the end tokens, context-window checks, the sliding-window cache) runs exactly as on the real model.
+The weights are random, so the text is gibberish, but it is the same gibberish on every machine.
 
     python -m devtools.tiny_model .cache/tiny-starcoder
+    python -m devtools.tiny_model --architecture starcoder2 .cache/tiny-starcoder2
 """
 
 from __future__ import annotations
@@ -43,11 +47,55 @@ STARCODER_SPECIAL_TOKENS: tuple[str, ...] = (
     "<commit_after>",
     "<reponame>",
 )
+# StarCoder2's special tokens, in id order (tokenizer_config.json of bigcode/starcoder2-*).
+STARCODER2_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<fim_prefix>",
+    "<fim_middle>",
+    "<fim_suffix>",
+    "<fim_pad>",
+    "<repo_name>",
+    "<file_sep>",
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+    "<code_to_intermediate>",
+    "<intermediate_to_code>",
+    "<pr>",
+    "<pr_status>",
+    "<pr_is_merged>",
+    "<pr_base>",
+    "<pr_file>",
+    "<pr_base_code>",
+    "<pr_diff>",
+    "<pr_diff_hunk>",
+    "<pr_comment>",
+    "<pr_event_id>",
+    "<pr_review>",
+    "<pr_review_state>",
+    "<pr_review_comment>",
+    "<pr_in_reply_to_review_id>",
+    "<pr_in_reply_to_comment_id>",
+    "<pr_diff_hunk_comment_line>",
+    "<NAME>",
+    "<EMAIL>",
+    "<KEY>",
+    "<PASSWORD>",
+)
 EOS_TOKEN = "<|endoftext|>"
-# Bump when the recipe changes so cached builds are rebuilt.
+# Bump when a recipe changes so cached builds are rebuilt.
 RECIPE_VERSION = "4"
+STARCODER2_RECIPE_VERSION = "1"
 VOCAB_SIZE = 1024
 N_POSITIONS = 8192
+STARCODER2_POSITIONS = 16384
+STARCODER2_SLIDING_WINDOW = 512
 
 # A small, fixed corpus of code-like text: the BPE merges are learnt from it, so it must never be
 # generated from anything that changes between machines or versions.
@@ -71,7 +119,7 @@ _CORPUS_SNIPPETS: tuple[str, ...] = (
 )
 
 
-def _train_tokenizer(directory: Path) -> None:
+def _train_tokenizer(directory: Path, special_tokens: tuple[str, ...], max_length: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,21 +128,21 @@ def _train_tokenizer(directory: Path) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(STARCODER_SPECIAL_TOKENS),  # given first, so they get ids 0..18
+        special_tokens=list(special_tokens),  # given first, so they get the real model's ids
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(list(_CORPUS_SNIPPETS) * 4, trainer=trainer)
-    for token_id, token in enumerate(STARCODER_SPECIAL_TOKENS):
-        assert tokenizer.token_to_id(token) == token_id, f"{token} is not at StarCoder's id {token_id}"
+    for token_id, token in enumerate(special_tokens):
+        assert tokenizer.token_to_id(token) == token_id, f"{token} is not at the real model's id {token_id}"
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        additional_special_tokens=list(STARCODER_SPECIAL_TOKENS[1:]),
-        model_max_length=N_POSITIONS,
+        additional_special_tokens=list(special_tokens[1:]),
+        model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(directory)
@@ -127,35 +175,82 @@ def _build_model(directory: Path, vocab_size: int) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
 
-def build_tiny_model(directory: str | os.PathLike[str]) -> Path:
+def _build_starcoder2_model(directory: Path, vocab_size: int) -> None:
+    import torch
+    from transformers import GenerationConfig, Starcoder2Config, Starcoder2ForCausalLM
+
+    config = Starcoder2Config(
+        vocab_size=vocab_size,
+        max_position_embeddings=STARCODER2_POSITIONS,
+        sliding_window=STARCODER2_SLIDING_WINDOW,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention: two query heads share each key/value head
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = Starcoder2ForCausalLM(config).eval()
+    file_sep = STARCODER2_SPECIAL_TOKENS.index("<file_sep>")
+    with torch.no_grad():
+        # As StarCoder2 does, some completions end a file with <file_sep> (which its config does not list
+        # as an end token) and others run to the length limit.
+        model.lm_head.weight[file_sep] *= 2.0
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def _build(directory: str | os.PathLike[str], version: str, architecture: str) -> Path:
     """Build the checkpoint into ``directory`` unless an up-to-date build is already there."""
     target = Path(directory)
     stamp = target / "tiny_model_recipe.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == RECIPE_VERSION:
+    if stamp.is_file() and json.loads(stamp.read_text()).get("version") == version:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a crash never leaves a half-written checkpoint.
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-starcoder-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".tiny-{architecture}-", dir=target.parent))
     try:
-        _train_tokenizer(staging)
         from transformers import AutoTokenizer
 
-        _build_model(staging, vocab_size=len(AutoTokenizer.from_pretrained(staging)))
-        (staging / "tiny_model_recipe.json").write_text(json.dumps({"version": RECIPE_VERSION}))
+        if architecture == "starcoder2":
+            _train_tokenizer(staging, STARCODER2_SPECIAL_TOKENS, STARCODER2_POSITIONS)
+            _build_starcoder2_model(staging, vocab_size=len(AutoTokenizer.from_pretrained(staging)))
+        else:
+            _train_tokenizer(staging, STARCODER_SPECIAL_TOKENS, N_POSITIONS)
+            _build_model(staging, vocab_size=len(AutoTokenizer.from_pretrained(staging)))
+        (staging / "tiny_model_recipe.json").write_text(json.dumps({"version": version}))
         shutil.rmtree(target, ignore_errors=True)
         staging.chmod(0o755)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built tiny StarCoder-shaped model in %s", target)
+    logger.info("built tiny %s-architecture model in %s", architecture, target)
     return target
+
+
+def build_tiny_model(directory: str | os.PathLike[str]) -> Path:
+    """The tiny StarCoder (gpt_bigcode) checkpoint."""
+    return _build(directory, RECIPE_VERSION, "starcoder")
+
+
+def build_tiny_starcoder2(directory: str | os.PathLike[str]) -> Path:
+    """The tiny StarCoder2 (starcoder2) checkpoint."""
+    return _build(directory, f"starcoder2-{STARCODER2_RECIPE_VERSION}", "starcoder2")
+
+
+BUILDERS = {"starcoder": build_tiny_model, "starcoder2": build_tiny_starcoder2}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", help="where to write the checkpoint")
+    parser.add_argument("--architecture", choices=sorted(BUILDERS), default="starcoder")
     args = parser.parse_args()
-    print(build_tiny_model(args.directory))
+    print(BUILDERS[args.architecture](args.directory))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TINY_MODEL_DIR = REPO_ROOT / ".cache" / "tiny-starcoder"
+TINY_STARCODER2_DIR = REPO_ROOT / ".cache" / "tiny-starcoder2"
 DEFAULT_LAYOUT_DIR = REPO_ROOT / ".cache" / "truss-server"
 
 
@@ -66,9 +67,13 @@ def server_environment(port: int, extra: dict[str, str] | None = None) -> dict[s
     """The image's environment, pointed at the tiny model unless STARCODER_CHECKPOINT says otherwise."""
     env = dict(os.environ)
     if not env.get("STARCODER_CHECKPOINT"):
-        from devtools.tiny_model import build_tiny_model
+        from devtools.tiny_model import build_tiny_model, build_tiny_starcoder2
 
-        env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
+        # STARCODER_TINY=starcoder2 serves the tiny StarCoder2-architecture checkpoint instead.
+        if env.get("STARCODER_TINY", "starcoder") == "starcoder2":
+            env["STARCODER_CHECKPOINT"] = str(build_tiny_starcoder2(TINY_STARCODER2_DIR))
+        else:
+            env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
         env.setdefault("STARCODER_DTYPE", "float32")
         env.setdefault("STARCODER_DEVICE", "cpu")
     env.update(

@@ -10,8 +10,15 @@ import pytest
 from starcoder_serving.engine.engine import Engine
 from starcoder_serving.settings import ServingSettings
 
-from devtools.tiny_model import build_tiny_model
-from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, REPO_ROOT, RunningServer, ServerFailed, running_server
+from devtools.tiny_model import build_tiny_model, build_tiny_starcoder2
+from devtools.truss_local import (
+    DEFAULT_TINY_MODEL_DIR,
+    REPO_ROOT,
+    TINY_STARCODER2_DIR,
+    RunningServer,
+    ServerFailed,
+    running_server,
+)
 
 DATA_DIR = REPO_ROOT / "data"
 # Planted as the hf_access_key secret of the test server: it must never come back out.
@@ -21,6 +28,12 @@ SECRET_SENTINEL = "hf_SENTINEL_do_not_leak_6f1c2a"
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     return build_tiny_model(DEFAULT_TINY_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_starcoder2_dir() -> Path:
+    """StarCoder2's architecture: grouped-query attention, RoPE, 16,384 positions, a 512-token sliding window."""
+    return build_tiny_starcoder2(TINY_STARCODER2_DIR)
 
 
 def tiny_settings(tiny_model_dir: Path, **overrides: object) -> ServingSettings:

@@ -244,7 +244,7 @@ def test_a_chat_template_that_refuses_the_conversation_is_a_client_error(tiny_mo
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{% endif %}"
         "{{ m['content'] }}{% endfor %}"
     )
-    renderer = ChatRenderer(tokenizer, default_template="unused")
+    renderer = ChatRenderer(tokenizer, default_template="unused", default_stop=("\nHuman:",))
     assert renderer.render([{"role": "user", "content": "hi"}]).text == "hi"
     with pytest.raises(InvalidRequest, match="roles must alternate"):
         renderer.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])

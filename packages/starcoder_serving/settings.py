@@ -46,7 +46,9 @@ class ServingSettings(pydantic.BaseModel):
     dtype: Dtype = "bfloat16"
     device: str = "cuda"
     attn_implementation: str = "sdpa"
-    context_window: int = pydantic.Field(8192, ge=16)
+    # None: the checkpoint's own window (n_positions / max_position_embeddings, family/profile.py). A number
+    # caps it lower (a checkpoint's window is never exceeded: positions past it were never trained).
+    context_window: int | None = pydantic.Field(None, ge=16)
     default_max_new_tokens: int = pydantic.Field(256, ge=1)
     max_new_tokens_cap: int = pydantic.Field(2048, ge=1)
     max_num_return_sequences: int = pydantic.Field(8, ge=1)
@@ -74,7 +76,13 @@ class ServingSettings(pydantic.BaseModel):
     cuda_graphs: bool = False
     compile_level: int = pydantic.Field(0, ge=0, le=3)
     instruction_template_file: str = "instruction_template.json"
+    # For tokenizers without a chat template of their own: the template file, and where its answers end
+    # (where the model would begin the human's next turn).
     chat_template_file: str = "chat_template.jinja"
+    chat_stop: tuple[str, ...] = ("\nHuman:",)
+    # Tokens that also end a generation when the vocabulary has them, though the checkpoint's config does
+    # not list them: StarCoder2 ends a file with <file_sep>.
+    end_tokens: tuple[str, ...] = ("<file_sep>",)
 
     @pydantic.model_validator(mode="after")
     def _default_fits_cap(self) -> ServingSettings:

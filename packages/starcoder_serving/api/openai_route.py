@@ -34,7 +34,7 @@ from starcoder_serving.api.openai_schema import (
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import FinishReason, GenerationPlan, TokenLogprob
 from starcoder_serving.errors import InvalidRequest, ServingError
-from starcoder_serving.text.prompts import RenderedPrompt, render_fim
+from starcoder_serving.text.prompts import RenderedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,11 @@ class OpenAIService:
         prompt_tokens = 0
         for prompt_index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                rendered = render_fim(prompt, parsed.suffix) if parsed.suffix is not None else RenderedPrompt(prompt)
+                rendered = (
+                    self.engine.render_fim(prompt, parsed.suffix, param="suffix")
+                    if parsed.suffix is not None
+                    else RenderedPrompt(prompt)
+                )
                 prompt_ids = self.engine.tokenize(rendered.text)
                 echo = prompt if parsed.echo else ""
             else:

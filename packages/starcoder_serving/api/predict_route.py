@@ -18,7 +18,7 @@ from starcoder_serving.api.tgi_route import TgiService
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import GenerationPlan
 from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
-from starcoder_serving.text.prompts import RenderedPrompt, render_fim
+from starcoder_serving.text.prompts import RenderedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class PredictService:
         if parsed.prompt is not None:
             return RenderedPrompt(parsed.prompt)
         if parsed.prefix is not None:
-            return render_fim(parsed.prefix, parsed.suffix or "")
+            return self.engine.render_fim(parsed.prefix, parsed.suffix or "", param="prefix")
         if parsed.messages is not None:
             return self.engine.chat.render([m.model_dump() for m in parsed.messages])
         assert parsed.instruction is not None

@@ -22,9 +22,10 @@ from starcoder_serving.engine.path_choice import Path as GenerationPath
 from starcoder_serving.engine.path_choice import Route, choose_path
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.family.profile import ModelProfile
 from starcoder_serving.settings import ServingSettings
 from starcoder_serving.text.assembler import Completion, CompletionCallback, TextAssembler, TextDelta
-from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate
+from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate, RenderedPrompt
 
 __all__ = ["Completion", "CompletionCallback", "Engine", "TextDelta"]
 
@@ -39,18 +40,14 @@ class Engine:
         # What responses call the model: a hub id as is, a local checkpoint by its folder name (not its path).
         self.model_name = Path(settings.checkpoint).name if Path(settings.checkpoint).is_dir() else settings.checkpoint
         self.vocab_size = len(tokenizer)
-        self.context_window = min(
-            settings.context_window, getattr(model.config, "n_positions", settings.context_window)
+        # What differs between the models of the family, read from the checkpoint (family/profile.py).
+        self.profile = ModelProfile.read(model, tokenizer, settings)
+        self.context_window = self.profile.context_window
+        self.eos_token_ids = self.profile.end_token_ids
+        logger.info("serving %s", self.profile.describe(tokenizer))
+        self.chat = ChatRenderer(
+            tokenizer, (data_dir / settings.chat_template_file).read_text(encoding="utf-8"), settings.chat_stop
         )
-        eos = model.generation_config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        eos_ids.add(tokenizer.eos_token_id)
-        # StarCoder2 ends files with <file_sep>: stop there as well when the vocabulary has it.
-        file_sep = tokenizer.convert_tokens_to_ids("<file_sep>")
-        if isinstance(file_sep, int) and file_sep != tokenizer.unk_token_id:
-            eos_ids.add(file_sep)
-        self.eos_token_ids = frozenset(i for i in eos_ids if i is not None)
-        self.chat = ChatRenderer(tokenizer, (data_dir / settings.chat_template_file).read_text(encoding="utf-8"))
         self.instructions = InstructionTemplate.load(data_dir / settings.instruction_template_file)
         self._logits_size = int(model.get_output_embeddings().weight.shape[0])
         self._batched = self._start_batched_worker(model, settings) if settings.continuous_batching else None
@@ -123,6 +120,15 @@ class Engine:
         return cls(model, tokenizer, settings, data_dir)
 
     # ---- planning: everything that can be refused is refused here, before any token is generated ----
+
+    def render_fim(self, prefix: str, suffix: str, param: str) -> RenderedPrompt:
+        """A fill-in-the-middle prompt in this model's FIM tokens; refused when its vocabulary has none."""
+        if self.profile.fim is None:
+            raise InvalidRequest(
+                f"`{param}`: this model ({self.model_name}) has no fill-in-the-middle tokens; send a plain prompt.",
+                param=param,
+            )
+        return self.profile.fim.render(prefix, suffix)
 
     def tokenize(self, text: str) -> list[int]:
         # Requests are planned in worker threads (long prompts take a while); one encode at a time

@@ -15,12 +15,6 @@ import jinja2
 
 from starcoder_serving.errors import InvalidRequest
 
-FIM_PREFIX = "<fim_prefix>"
-FIM_SUFFIX = "<fim_suffix>"
-FIM_MIDDLE = "<fim_middle>"
-# Default-template chat answers end where the base model starts the human's next turn.
-DEFAULT_CHAT_STOP = ("\nHuman:",)
-
 
 class ChatTokenizer(Protocol):
     chat_template: str | None
@@ -58,18 +52,29 @@ class InstructionTemplate:
         return RenderedPrompt(text, self.stop)
 
 
-def render_fim(prefix: str, suffix: str) -> RenderedPrompt:
-    """StarCoder's prefix-suffix-middle order: the model then writes the middle."""
-    return RenderedPrompt(f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}")
+@dataclasses.dataclass(frozen=True)
+class FimTokens:
+    """A model's fill-in-the-middle tokens (family/profile.py finds them in the vocabulary)."""
+
+    prefix: str
+    suffix: str
+    middle: str
+
+    def render(self, prefix: str, suffix: str) -> RenderedPrompt:
+        """The prefix-suffix-middle order StarCoder and StarCoder2 were trained on: the model writes the middle."""
+        return RenderedPrompt(f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}")
 
 
 class ChatRenderer:
-    """Uses the tokenizer's own chat template when it ships one, else ``data/chat_template.jinja``."""
+    """Uses the tokenizer's own chat template when it ships one, else the settings' template file (base
+    StarCoder's Tech Assistant dialogue, or the Alpaca turns of an instruction-tuned variant), whose answers
+    end at ``default_stop``: where the model would start the next human turn."""
 
-    def __init__(self, tokenizer: ChatTokenizer, default_template: str) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, default_template: str, default_stop: tuple[str, ...]) -> None:
         self._tokenizer = tokenizer
         self._uses_default = not getattr(tokenizer, "chat_template", None)
         self._template = default_template if self._uses_default else None
+        self._default_stop = default_stop
 
     def render(self, messages: list[dict[str, str]]) -> RenderedPrompt:
         try:
@@ -81,4 +86,4 @@ class ChatRenderer:
             raise InvalidRequest(
                 f"`messages` rejected by the model's chat template: {error}", param="messages"
             ) from None
-        return RenderedPrompt(str(text), DEFAULT_CHAT_STOP if self._uses_default else ())
+        return RenderedPrompt(str(text), self._default_stop if self._uses_default else ())
