@@ -97,40 +97,21 @@ CASES: dict[str, Case] = {
     ),
 }
 
-# Package bugs: the batch and generate() disagree (see the reasons). strict: once fixed, these pass and
-# pytest says so, so the mark is removed.
-KNOWN_BUGS: dict[str, tuple[Case, str]] = {
-    "bad_words_ids_eos": (
-        Case(fixed({"bad_words_ids": [[0]]}), ENDING),
-        (
-            "PACKAGE BUG: transformers' NoBadWordsLogitsProcessor drops a single-token bad word that is an end token "
-            "(generate() still ends with <|endoftext|>); BatchSampler bans it like suppress_tokens, so the batch runs "
-            "to max_new_tokens instead"
-        ),
+# Where the two paths once disagreed: generate() ran our logit bias and penalties after transformers' own
+# processors and dropped a single-token bad word that is an end token. It now builds them in the batch's order.
+CASES |= {
+    # A bad word that is the end token is banned, like suppress_tokens: the answer runs to its length limit.
+    "bad_words_ids_eos": Case(fixed({"bad_words_ids": [[0]]}), ENDING),
+    "logit_bias_with_repetition_penalty": Case(
+        lambda g: {"repetition_penalty": 3.0, "logit_bias": {g["fib"][0]: 2.0, g["fn"][0]: 2.0, 295: 3.0}}
     ),
-    "logit_bias_with_repetition_penalty": (
-        Case(lambda g: {"repetition_penalty": 3.0, "logit_bias": {g["fib"][0]: 2.0, g["fn"][0]: 2.0, 295: 3.0}}),
-        (
-            "PACKAGE BUG: generate() adds logit_bias after transformers' repetition penalty (LogitBias runs after "
-            "the built-in processors), BatchSampler adds it before, so penalised biased tokens score differently"
-        ),
-    ),
-    "logit_bias_on_eos_with_exponential_decay": (
-        Case(fixed({"exponential_decay_length_penalty": (2, 1.5), "logit_bias": {0: -3.0}})),
-        (
-            "PACKAGE BUG: BatchSampler applies the decay to the end token's biased score (bias first), generate() "
-            "to its raw score (bias after the decay), so the answers end at different lengths"
-        ),
+    # The decay applies to the end token's biased score.
+    "logit_bias_on_eos_with_exponential_decay": Case(
+        fixed({"exponential_decay_length_penalty": (2, 1.5), "logit_bias": {0: -3.0}})
     ),
 }
 
-ALL_CASES = [
-    *(pytest.param(name, case, id=name) for name, case in CASES.items()),
-    *(
-        pytest.param(name, case, id=name, marks=pytest.mark.xfail(strict=True, reason=reason))
-        for name, (case, reason) in KNOWN_BUGS.items()
-    ),
-]
+ALL_CASES = [pytest.param(name, case, id=name) for name, case in CASES.items()]
 
 
 def parameters_key(parameters: dict[str, Any]) -> str:
@@ -386,7 +367,6 @@ def test_only_beam_search_leaves_the_batch(bench: Bench) -> None:
     engine = bench.batch
     every = [
         *(case.parameters(bench.greedy) for case in CASES.values()),
-        *(case.parameters(bench.greedy) for case, _ in KNOWN_BUGS.values()),
         *({"do_sample": True, "seed": 7, **values} for values in SAMPLED.values()),
         {"do_sample": True, "n": 4, "seed": 1},
         {"do_sample": True, "max_time": 5.0},

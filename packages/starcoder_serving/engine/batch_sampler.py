@@ -8,12 +8,13 @@ public extension point) that serves everything ``SamplingParams`` holds except b
   (its parameters, token counts, masks, step counter). The processor's per-request tensor argument
   is the slot index, so the forward pass reads parameters with a gather and no Python loop; the
   state lives in the same tensors from step to step, which keeps CUDA graphs possible.
-* **Order.** transformers' processors run in their own order (repetition penalty, n-gram and
-  bad-word bans, min_new_tokens, the exponential decay, suppressed tokens; then, for sampled rows
-  only, temperature, top-k, top-p, min-p, typical, epsilon, eta), so greedy output equals
-  ``generate()``'s. Our additions differ from the beam-search ``generate()`` path, which runs them
-  last: here logit bias comes first and presence/frequency penalties follow the repetition penalty
-  (vLLM's order); see the xfails in tests/test_batch_equivalence.py.
+* **Order.** Logit bias first, then transformers' processors in their own order with OpenAI's
+  presence/frequency penalties after the repetition penalty (vLLM's order): repetition penalty,
+  presence/frequency, n-gram and bad-word bans, min_new_tokens, the exponential decay, suppressed
+  tokens (single-token bad words too, end tokens included); then, for sampled rows only,
+  temperature, top-k, top-p, min-p, typical, epsilon, eta. The beam-search ``generate()`` path
+  builds the same processors in the same order (``generate_worker.py``), so both paths give the
+  same greedy output for every parameter (tests/test_batch_equivalence.py).
 * **Sampling without a shared RNG.** The manager runs greedy (argmax); a sampled row adds Gumbel
   noise to its warped logits, and argmax(logits + Gumbel) is a sample of softmax(logits). The noise
   is a counter-based hash of (seed, step, token id): a seeded request draws the same sample whatever

@@ -19,7 +19,19 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    ExponentialDecayLengthPenalty,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
 from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
 from starcoder_serving.engine.transformers_compat import BaseStreamer
@@ -29,6 +41,20 @@ logger = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
+
+# Parameters whose processors _logits_processors builds itself, in the batch's order; generate() would
+# otherwise put them before our logit bias and presence/frequency penalties.
+_BUILT_HERE = frozenset(
+    {
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "bad_words_ids",
+        "min_new_tokens",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +96,7 @@ class AdditivePenalties(LogitsProcessor):
     """OpenAI's presence and frequency penalties: subtract ``presence`` from the logit of every token
     generated so far, and ``frequency`` times its count. The prompt's tokens are not counted.
 
-    transformers runs request-supplied processors after its own, so these apply after temperature
-    and top-k/top-p (a token already cut off stays cut off); for greedy decoding that is the same.
+    They apply after the repetition penalty and before temperature and top-k/top-p, as in the batch.
     """
 
     def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
@@ -237,7 +262,7 @@ class GenerateWorker:
                     streamer=None if beam_search else forwarder,
                     stopping_criteria=StoppingCriteriaList(criteria),
                     logits_processor=self._logits_processors(plan, recorder),
-                    **sampling.generate_kwargs(),
+                    **{k: v for k, v in sampling.generate_kwargs().items() if k not in _BUILT_HERE},
                 )
             if beam_search:
                 # One sequence of one prompt: nothing is padded, every id was generated.
@@ -268,19 +293,45 @@ class GenerateWorker:
                 time.perf_counter() - started,
             )
 
-    @staticmethod
-    def _logits_processors(plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList:
-        """Ours run after transformers' own (which generate() builds from the GenerationConfig)."""
+    def _logits_processors(self, plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList:
+        """The batch's order (batch_sampler.py), built from transformers' public processor classes: logit
+        bias; repetition penalty; presence/frequency penalties; n-gram and multi-token bad-word bans;
+        min_new_tokens; the exponential decay; suppressed tokens and single-token bad words (banned even
+        when an end token, as in the batch); begin-suppressed tokens. generate() is given none of these
+        parameters (``_BUILT_HERE``), so it adds only its warpers (temperature, top-k, top-p, ...) after them.
+        """
         sampling = plan.sampling
+        prompt_length = plan.prompt_tokens
+        device = self._model.device
+        end_ids = torch.tensor(sorted(self._eos_token_ids), dtype=torch.long, device=device)
         processors: list[LogitsProcessor] = []
         if sampling.logit_bias:
             processors.append(LogitBias(sampling.logit_bias))
+        if sampling.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
         if sampling.presence_penalty or sampling.frequency_penalty:
+            processors.append(AdditivePenalties(prompt_length, sampling.presence_penalty, sampling.frequency_penalty))
+        if sampling.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(sampling.no_repeat_ngram_size))
+        if words := [list(word) for word in sampling.bad_words_ids if len(word) > 1]:
+            processors.append(NoBadWordsLogitsProcessor(words))
+        if sampling.min_new_tokens:
             processors.append(
-                AdditivePenalties(plan.prompt_tokens, sampling.presence_penalty, sampling.frequency_penalty)
+                MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, end_ids, device=device)
+            )
+        if sampling.exponential_decay_length_penalty is not None:
+            decay = tuple(sampling.exponential_decay_length_penalty)
+            processors.append(ExponentialDecayLengthPenalty(decay, end_ids, prompt_length))  # type: ignore[arg-type]
+        if banned := [*sampling.suppress_tokens, *(word[0] for word in sampling.bad_words_ids if len(word) == 1)]:
+            processors.append(SuppressTokensLogitsProcessor(banned, device=device))
+        if sampling.begin_suppress_tokens:
+            processors.append(
+                SuppressTokensAtBeginLogitsProcessor(sampling.begin_suppress_tokens, prompt_length, device=device)
             )
         processors.append(_CleanRows())
-        if recorder is not None:  # last: it records the distribution actually sampled from
+        if recorder is not None:
+            # Records the distribution before generate()'s warpers: what beam search (the only request this
+            # path serves beside the batch) ranks by.
             processors.append(recorder)
         return LogitsProcessorList(processors)
 
