@@ -29,8 +29,9 @@ TINY_STARCODER2_DIR = REPO_ROOT / ".cache" / "tiny-starcoder2"
 DEFAULT_LAYOUT_DIR = REPO_ROOT / ".cache" / "truss-server"
 
 
-def local_truss_copy(target: Path) -> Path:
-    """This truss as ``truss push`` would upload it, minus the build-time weight cache.
+def local_truss_copy(target: Path, config_path: Path = REPO_ROOT / "config.yaml") -> Path:
+    """This truss as ``truss push [--config config_path]`` would upload it (the chosen file becomes the
+    archive's config.yaml), minus the build-time weight cache.
 
     Resolving ``model_cache`` asks the Hugging Face hub for the file list, which a machine without
     internet cannot do, and locally the weights come from STARCODER_CHECKPOINT anyway.
@@ -39,7 +40,7 @@ def local_truss_copy(target: Path) -> Path:
     from truss.util.path import copy_tree_path, load_trussignore_patterns_from_truss_dir
 
     copy_tree_path(REPO_ROOT, target, ignore_patterns=load_trussignore_patterns_from_truss_dir(REPO_ROOT))
-    config = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    config = yaml.safe_load(config_path.read_text())
     config.pop("model_cache", None)
     (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return target

@@ -8,10 +8,11 @@ import pytest
 from starcoder_serving.settings import ServingSettings
 from truss.base.truss_config import TrussConfig
 from truss.base.truss_spec import TrussSpec
+from truss.contexts.image_builder.serving_image_builder import ServingImageBuilderContext
 
 from devtools import variants
 from devtools.family_catalogue import CATALOGUE, DEFAULT_VARIANT
-from devtools.truss_local import REPO_ROOT
+from devtools.truss_local import REPO_ROOT, local_truss_copy
 
 VARIANT_FILES = sorted((REPO_ROOT / "variants").glob("*.yaml"))
 REQUIRED = {
@@ -44,6 +45,7 @@ def test_variant_validates_and_its_checkpoint_agrees(path: Path) -> None:
     # What `truss push --config variants/<name>.yaml` loads: the truss directory is the repository root.
     spec = TrussSpec(REPO_ROOT, config_path=path)
     config: TrussConfig = spec.config
+    config.validate_forbid_extra()  # what `truss push` checks before uploading
     assert (REPO_ROOT / config.model_module_dir / "model.py").is_file()
     (repo,) = config.model_cache.models
     metadata = config.model_metadata
@@ -82,6 +84,20 @@ def test_small_models_go_on_small_gpus_and_15b_ones_on_an_a100() -> None:
         assert chosen[name] == "A10G", name
     for name in ("starcoder", "starcoder2-15b", "starcoder-gpteacher"):
         assert chosen[name] == "A100", name
+
+
+@pytest.mark.parametrize("path", VARIANT_FILES, ids=lambda p: p.stem)
+def test_truss_lays_out_each_variants_image(path: Path, tmp_path: Path) -> None:
+    """`truss push --config` uploads the directory with the variant as its config.yaml: truss must build it."""
+    truss_dir = local_truss_copy(tmp_path / "truss", config_path=path)
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    ServingImageBuilderContext.run(truss_dir).prepare_image_build_dir(build_dir)
+    assert "COPY --chown=root:root ./packages /packages" in (build_dir / "Dockerfile").read_text()
+    assert (
+        TrussConfig.from_yaml(build_dir / "config.yaml").model_metadata["checkpoint"]
+        == (TrussConfig.from_yaml(path).model_metadata["checkpoint"])
+    )
 
 
 def test_gpteacher_speaks_alpaca(tiny_model_dir: Path) -> None:
