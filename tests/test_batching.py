@@ -86,6 +86,30 @@ def test_routing_table_only_beam_search_leaves_the_batch() -> None:
     assert choose_path(SamplingParams(), continuous_batching=False).path is Route.GENERATE
 
 
+def test_asynchronous_batching_sends_only_host_side_parameters_to_generate() -> None:
+    """With the host a step behind, n-gram and multi-token bans and logprobs cannot be served in the batch."""
+    host_side = [{"no_repeat_ngram_size": 2}, {"bad_words_ids": [[5, 6]]}, {"logprobs": 0}]
+    for params in host_side:
+        sampling = SamplingParams.model_validate(params)
+        assert choose_path(sampling, async_batching=True).path is Route.GENERATE, params
+        assert choose_path(sampling).path is Route.BATCHED, params
+    device_side = [{}, {"bad_words_ids": [[5]]}, {"repetition_penalty": 1.3, "seed": 2}, {"min_new_tokens": 3}]
+    for params in device_side:
+        assert choose_path(SamplingParams.model_validate(params), async_batching=True).path is Route.BATCHED, params
+
+
+def test_asynchronous_batching_is_ignored_without_a_gpu(tiny_model_dir: Path) -> None:
+    """transformers' double buffering needs CUDA streams: on a CPU the setting must not fail every request."""
+    engine = Engine.load(tiny_settings(tiny_model_dir, async_batching=True), DATA_DIR)
+    try:
+        assert not engine.async_batching
+        plan = _greedy(engine, "def f(x):", max_new_tokens=4, logprobs=0)
+        assert engine.route(plan).path is Route.BATCHED
+        assert _one(engine, plan).completion_tokens == 4
+    finally:
+        engine.shutdown()
+
+
 def test_model_defaults_apply_to_what_the_client_did_not_send() -> None:
     defaults = SamplingParams.inheritable(
         {"do_sample": False, "top_k": 50, "temperature": 0.2, "repetition_penalty": 1.2, "max_length": 20, "x": 1}

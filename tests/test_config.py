@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pydantic
+import pytest
 import yaml
 from starcoder_serving.settings import ServingSettings
 from truss.base.truss_config import Accelerator, TrussConfig
@@ -53,6 +55,31 @@ def test_environment_overrides_config() -> None:
         environ={"STARCODER_CHECKPOINT": "/tmp/tiny", "STARCODER_DEVICE": "cpu", "STARCODER_DTYPE": "float32"},
     )
     assert (settings.resolved_checkpoint(), settings.device, settings.dtype) == ("/tmp/tiny", "cpu", "float32")
+
+
+@pytest.mark.parametrize(
+    ("spelling", "paths"),
+    [
+        ("0", (False, False)),
+        ("false", (False, False)),
+        ("off", (False, False)),
+        ("1", (True, True)),
+        ("TRUE", (True, True)),
+        ("both", (True, True)),
+        ("varlen", (True, False)),
+        ("decode", (False, True)),
+        ("auto", None),
+    ],
+)
+def test_cuda_graphs_switch_names_the_paths(spelling: str, paths: tuple[bool, bool] | None) -> None:
+    """transformers' use_cuda_graph is (varlen, decode) or None (its own choice); the old boolean spellings still work."""
+    settings = ServingSettings.from_sources({}, environ={"STARCODER_CUDA_GRAPHS": spelling})
+    assert settings.graph_paths == paths
+
+
+def test_a_misspelt_cuda_graphs_value_is_refused_with_the_choices() -> None:
+    with pytest.raises(pydantic.ValidationError, match="'off', 'varlen', 'decode', 'both' or 'auto'"):
+        ServingSettings.from_sources({}, environ={"STARCODER_CUDA_GRAPHS": "sometimes"})
 
 
 def test_truss_lays_out_the_image_build_context(tmp_path: Path) -> None:

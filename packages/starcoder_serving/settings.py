@@ -13,6 +13,18 @@ from typing import Any, Literal
 import pydantic
 
 Dtype = Literal["bfloat16", "float16", "float32", "auto"]
+# Which of the batch's two forward paths replay CUDA graphs: "varlen" (any step with a prefill chunk),
+# "decode" (transformers' fast path: one new token per sequence, flash attention's paged kernel only),
+# both, none, or "auto" (transformers decides: graphs where the attention needs no mask).
+CudaGraphs = Literal["off", "varlen", "decode", "both", "auto"]
+_GRAPH_SWITCHES: dict[str, CudaGraphs] = {
+    "0": "off",
+    "false": "off",
+    "no": "off",
+    "1": "both",
+    "true": "both",
+    "yes": "both",
+}
 
 # Environment variable -> settings field. Environment wins over config.yaml.
 ENV_OVERRIDES: dict[str, str] = {
@@ -32,6 +44,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "STARCODER_PREFIX_SHARING": "prefix_sharing",
     "STARCODER_CUDA_GRAPHS": "cuda_graphs",
     "STARCODER_COMPILE_LEVEL": "compile_level",
+    "STARCODER_ASYNC_BATCHING": "async_batching",
 }
 
 
@@ -71,10 +84,15 @@ class ServingSettings(pydantic.BaseModel):
     kv_memory_fraction: float | None = pydantic.Field(None, gt=0.0, le=0.95)
     # Reuse the KV pages of an identical prompt prefix (shared system prompts, FIM file headers).
     prefix_sharing: bool = True
-    # GPU only, off until measured (docs/benchmarks.md): CUDA graphs for the batch's forward passes,
-    # and torch.compile of them (transformers' default_compile_level, 0 = off .. 3 = most, slowest warm-up).
-    cuda_graphs: bool = False
+    # GPU only, off until measured (docs/benchmarks.md): CUDA graphs for the batch's forward passes
+    # (true/false mean both/off), and torch.compile of them (transformers' default_compile_level,
+    # 0 = off .. 3 = most, slowest warm-up). Either one captures warm-up graphs before serving.
+    cuda_graphs: CudaGraphs = "off"
     compile_level: int = pydantic.Field(0, ge=0, le=3)
+    # transformers' double-buffered batch loop: the next step is prepared while this one runs. The host
+    # then lags the device by a step, so requests that need their latest token on the host (n-gram and
+    # multi-token bad-word bans, logprobs) are served by generate() instead (engine/path_choice.py).
+    async_batching: bool = False
     instruction_template_file: str = "instruction_template.json"
     # For tokenizers without a chat template of their own: the template file, and where its answers end
     # (where the model would begin the human's next turn).
@@ -83,6 +101,23 @@ class ServingSettings(pydantic.BaseModel):
     # Tokens that also end a generation when the vocabulary has them, though the checkpoint's config does
     # not list them: StarCoder2 ends a file with <file_sep>.
     end_tokens: tuple[str, ...] = ("<file_sep>",)
+
+    @pydantic.field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _graph_switch(cls, value: Any) -> Any:
+        """Booleans (and their environment spellings) keep meaning what they meant before the per-path choice."""
+        if isinstance(value, bool):
+            return "both" if value else "off"
+        if isinstance(value, str):
+            return _GRAPH_SWITCHES.get(value.strip().lower(), value.strip().lower())
+        return value
+
+    @property
+    def graph_paths(self) -> tuple[bool, bool] | None:
+        """transformers' ``use_cuda_graph``: (varlen, decode), or None to let it decide."""
+        if self.cuda_graphs == "auto":
+            return None
+        return (self.cuda_graphs in ("varlen", "both"), self.cuda_graphs in ("decode", "both"))
 
     @pydantic.model_validator(mode="after")
     def _default_fits_cap(self) -> ServingSettings:

@@ -271,8 +271,12 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         features = _Features.everything() if self._static_graph else _Features()
         slots: list[int] = []
         for state in states:
+            plan: GenerationPlan | None = state.logit_processor_kwargs.get("plan")
+            if plan is None:
+                # transformers' warm-up rows (manager.warmup() capturing graphs) carry no request: like padding.
+                slots.append(self._spare)
+                continue
             slot = self._slots.of.get(state.request_id)
-            plan: GenerationPlan = state.logit_processor_kwargs["plan"]
             if slot is None:
                 slot = self._slots.allocate(state.request_id)
                 if slot is None:

@@ -100,8 +100,9 @@ class BatchedWorker:
         kv_page_size: int,
         kv_memory_fraction: float | None,
         prefix_sharing: bool,
-        cuda_graphs: bool = False,
+        cuda_graphs: tuple[bool, bool] | None = (False, False),
         compile_level: int = 0,
+        async_batching: bool = False,
     ) -> None:
         # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
         self._eos_token_ids = sorted(eos_token_ids)
@@ -116,12 +117,16 @@ class BatchedWorker:
             allow_block_sharing=prefix_sharing,
             per_request_processors=False,
             drop_unsupported_processors=False,
-            # BatchSampler reads each request's previous token before preparing the next step.
-            use_async_batching=False,
+            # Off by default: the host then prepares a step before the previous one's tokens are back, so
+            # path_choice sends the requests that need them on the host to generate() when it is on.
+            use_async_batching=async_batching,
             auto_switch_to_flash=False,
+            # (varlen, decode) or None: transformers decides.
             use_cuda_graph=cuda_graphs,
             default_compile_level=compile_level,
         )
+        # A step that may be captured or compiled is fixed: every row operation must then run every step.
+        static_step = cuda_graphs is None or any(cuda_graphs) or compile_level > 0
         self._manager = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config
         )
@@ -142,11 +147,21 @@ class BatchedWorker:
             max_requests=max_requests,
             eos_token_ids=self._eos_token_ids,
             device=model.device,
-            # A captured graph (or a compiled step) is fixed: every row operation must then run every step.
-            static_graph=cuda_graphs or compile_level > 0,
+            static_graph=static_step,
         )
         compat.install_logits_processor(self._manager, self.sampler)
         compat.install_output_router(self._manager, _JobRouter(self))
+        if static_step:
+            # Capture (or compile) the step at its largest shapes now, not in the first requests' time; the
+            # warm-up's dummy rows read the sampler's spare slot. A no-op where no graph backend exists (CPU).
+            started = time.perf_counter()
+            self._manager.warmup()
+            logger.info(
+                "continuous batching warmed up (graphs %s, compile level %d) in %.1f s",
+                cuda_graphs,
+                compile_level,
+                time.perf_counter() - started,
+            )
         self._manager.start()
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_cancelled, name="batch-cancel-watch", daemon=True)

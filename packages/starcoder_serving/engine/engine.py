@@ -50,6 +50,10 @@ class Engine:
         )
         self.instructions = InstructionTemplate.load(data_dir / settings.instruction_template_file)
         self._logits_size = int(model.get_output_embeddings().weight.shape[0])
+        # transformers' asynchronous batching needs CUDA (or XPU) streams; elsewhere the setting is ignored.
+        self.async_batching = settings.async_batching and model.device.type in ("cuda", "xpu")
+        if settings.async_batching and not self.async_batching:
+            logger.warning("async_batching ignored: it needs a CUDA device, and the model is on %s", model.device)
         self._batched = self._start_batched_worker(model, settings) if settings.continuous_batching else None
         self._worker = GenerateWorker(
             model, set(self.eos_token_ids), pad_token_id=tokenizer.eos_token_id, model_access=self._batched
@@ -89,8 +93,9 @@ class Engine:
             kv_page_size=settings.kv_page_size,
             kv_memory_fraction=settings.kv_memory_fraction,
             prefix_sharing=settings.prefix_sharing,
-            cuda_graphs=settings.cuda_graphs,
+            cuda_graphs=settings.graph_paths,
             compile_level=settings.compile_level,
+            async_batching=self.async_batching,
         )
 
     @classmethod
@@ -255,7 +260,9 @@ class Engine:
 
     def route(self, plan: GenerationPlan) -> Route:
         """Which path (continuous batch or lone generate()) serves this plan, and why."""
-        return choose_path(plan.sampling, continuous_batching=self._batched is not None)
+        return choose_path(
+            plan.sampling, continuous_batching=self._batched is not None, async_batching=self.async_batching
+        )
 
     @property
     def requests_in_progress(self) -> int:

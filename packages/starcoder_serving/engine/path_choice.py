@@ -27,6 +27,8 @@ max_new_tokens, max_length, max_time, stop sequences, streaming        batched  
 renormalize_logits, remove_invalid_values                              batched    no-ops: rows are always cleaned, and logprobs
                                                                                   are always normalized
 num_beams > 1 (beam search, with early_stopping / length_penalty)     generate   beams are not sequences the batch can hold
+no_repeat_ngram_size, multi-token bad_words_ids, logprobs, when        generate   the host prepares step N+1 before step N's
+async_batching is on in settings (it is off by default)                           tokens and logprobs are back
 continuous_batching disabled in settings                               generate   everything, one request at a time
 =====================================================================  =========  ==========================================
 """
@@ -50,9 +52,11 @@ class Route:
     reason: str
 
 
-def choose_path(sampling: SamplingParams, *, continuous_batching: bool = True) -> Route:
+def choose_path(sampling: SamplingParams, *, continuous_batching: bool = True, async_batching: bool = False) -> Route:
     if not continuous_batching:
         return Route(Path.GENERATE, "continuous batching is disabled")
     if sampling.beam_search:
         return Route(Path.GENERATE, "num_beams > 1 (beam search)")
+    if async_batching and sampling.needs_host_history:
+        return Route(Path.GENERATE, "asynchronous batching: n-gram / multi-token bans or logprobs need the last token")
     return Route(Path.BATCHED, "greedy" if sampling.greedy else "sampling")

@@ -84,6 +84,14 @@ class SamplingParams(pydantic.BaseModel):
         return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def needs_host_history(self) -> bool:
+        """Whether each step needs the request's latest token on the host: n-gram and multi-token bad-word
+        bans are computed there, and logprobs are read back there after the step."""
+        return bool(
+            self.no_repeat_ngram_size or any(len(word) > 1 for word in self.bad_words_ids) or self.logprobs is not None
+        )
+
+    @property
     def beam_search(self) -> bool:
         return self.num_beams > 1
 
