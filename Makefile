@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv serve test bench eval tiny-model clean
+.PHONY: venv serve test bench eval tiny-model gpu-wheels clean
 
 # Rebuilt when the pins change. Truss's server needs its own requirements (as its Docker image
 # installs them), bounded by its constraints file; its `-i` line is dropped so pip's configured
@@ -40,6 +40,13 @@ bench: venv
 # HumanEval against a running server: `make serve` in another shell, or --base-url/--api-key for a deployment.
 eval: venv
 	$(PY) -m evals.humaneval --port $(PORT) $(EVAL_ARGS)
+
+# The wheels the GPU machine needs for `bash bench/gpu_device.sh` (docs/benchmarks.md, "GPU"), into .whl/.
+gpu-wheels:
+	mkdir -p .whl
+	grep -v '^#' bench/gpu-wheels.txt | xargs $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl
 
 clean:
 	rm -rf .cache .pytest_cache .hypothesis

@@ -48,6 +48,7 @@ class DecodeResult(pydantic.BaseModel):
 class EngineLevel(pydantic.BaseModel):
     concurrency: int
     requests: int
+    failures: int = 0
     output_tokens: int
     wall_s: float
     output_tokens_per_s: float
@@ -199,36 +200,50 @@ def engine_settings(device: str, dtype_name: str, batched: bool, new_tokens: int
 
 
 async def engine_level(
-    engine: Any, prompt_ids: list[int], new_tokens: int, concurrency: int, requests_per_client: int
+    engine: Any,
+    prompts: Sequence[list[int]],
+    new_tokens: int,
+    concurrency: int,
+    requests_per_client: int,
+    **sampling: Any,
 ) -> EngineLevel:
+    """``concurrency`` clients, client i sending prompts[i % len(prompts)] back to back; a failed request is
+    counted, not raised, so one level's errors do not hide the others' figures."""
     from starcoder_serving.engine.sampling_params import SamplingParams
 
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
+    failures = 0
 
-    async def client() -> None:
-        nonlocal tokens
+    async def client(prompt_ids: list[int]) -> None:
+        nonlocal tokens, failures
         for _ in range(requests_per_client):
             # build_model makes <|endoftext|> unreachable, so each request runs all L tokens (plain greedy:
             # the cheapest row of the batch sampler).
-            plan = engine.plan(prompt_ids, SamplingParams(max_new_tokens=new_tokens))[0]
+            plan = engine.plan(prompt_ids, SamplingParams(max_new_tokens=new_tokens, **sampling))[0]
             done: list[Any] = []
             started = time.perf_counter()
             first: float | None = None
-            async for _delta in engine.stream(plan, on_complete=done.append):
-                first = first if first is not None else time.perf_counter()
+            try:
+                async for _delta in engine.stream(plan, on_complete=done.append):
+                    first = first if first is not None else time.perf_counter()
+            except Exception as error:  # noqa: BLE001 - counted and printed: the level's figures stay usable
+                failures += 1
+                print(f"request failed: {type(error).__name__}: {error}", flush=True)
+                continue
             latencies.append(time.perf_counter() - started)
             if first is not None:
                 ttfts.append(first - started)
             tokens += done[0].completion_tokens if done else 0
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(prompts[i % len(prompts)]) for i in range(concurrency)))
     wall = time.perf_counter() - started
     return EngineLevel(
         concurrency=concurrency,
         requests=concurrency * requests_per_client,
+        failures=failures,
         output_tokens=tokens,
         wall_s=wall,
         output_tokens_per_s=tokens / wall,
@@ -254,9 +269,9 @@ def run_engine(
     try:
 
         async def all_levels() -> None:
-            await engine_level(engine, prompt_ids, new_tokens, min(4, max(levels)), 1)  # warm-up
+            await engine_level(engine, [prompt_ids], new_tokens, min(4, max(levels)), 1)  # warm-up
             for concurrency in levels:
-                level = await engine_level(engine, prompt_ids, new_tokens, concurrency, requests_per_client)
+                level = await engine_level(engine, [prompt_ids], new_tokens, concurrency, requests_per_client)
                 results.append(level)
                 print(
                     f"[{name}] c={concurrency:>3}: {level.output_tokens_per_s:8.1f} tok/s  "

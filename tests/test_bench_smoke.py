@@ -93,3 +93,44 @@ def test_mixed_profile_against_the_server(server: RunningServer, tiny_model_dir:
     assert greedy.p95_vs_greedy == 1.0
     table = mixed_table({"batched": [level]})
     assert table.count("\n") == 1 + 1 + len(CLASSES)
+
+
+def test_gpu_suite_runs_every_phase_on_a_cpu_stand_in(tmp_path: Path) -> None:
+    """bench/gpu_suite.py is run on a lent GPU with no second chance: its every phase must work here first, at
+    the tiny shape (figures mean nothing on a CPU; the phases that need CUDA must fail with their reason)."""
+    from bench import gpu_suite
+
+    args = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--out-dir", str(tmp_path), "--label", "t"]
+    args += ["--new-tokens", "8", "--prompt-tokens", "48", "--levels", "1", "4", "--seed-levels", "1", "4"]
+    args += ["--variant-levels", "2", "--check-prompts", "3", "--check-tokens", "8", "--ttft-trials", "1"]
+    args += ["--fim-tokens", "300", "--copy-gib", "0.05", "--variants", "graphs-both", "async", "page-64"]
+    assert gpu_suite.main(args) == 0
+    report = gpu_suite.SuiteReport.model_validate_json((tmp_path / "results-t.json").read_text())
+    status = {phase.name: phase.status for phase in report.phases}
+    assert status == {
+        "bandwidth": "done",
+        "decode_generate": "done",
+        "reference": "done",
+        "baseline": "done",
+        "seed": "done",
+        "variant:graphs-both": "done",
+        "variant:async": "done",
+        "variant:page-64": "done",
+        "memory_80gb": "failed",  # needs CUDA
+    }, report.phases
+    assert report.reference_prompts == 3
+    for run in report.runs:
+        assert run.equality is not None and run.equality.identical == 3 and run.equality.failures == 0, run
+        assert all(level.failures == 0 and level.output_tokens_per_s > 0 for level in run.levels), run
+        assert run.kv_cache_tokens and run.kv_cache_tokens > 0
+    baseline = report.runs[0]
+    assert baseline.name == "baseline" and [level.concurrency for level in baseline.levels] == [1, 4]
+    assert baseline.ttft is not None and baseline.ttft.prompt_tokens > 300
+    assert baseline.profile is not None
+    # The batch loop is transformers' thread: its stacks must show the forward pass.
+    loops = [thread for thread in baseline.profile.threads if "generation_loop" in thread.thread]
+    assert loops, [thread.thread for thread in baseline.profile.threads]
+    assert any(name.endswith("_forward_process_and_sample") for name, _share in loops[0].inclusive), loops[0]
+    assert report.seed is not None and set(report.speedup) == {1, 4}
+    assert report.concurrency_target in (1, 4)
+    assert (tmp_path / "profile-t.txt").exists()

@@ -340,6 +340,25 @@ def test_hand_one_step_to_batch(manager: Any) -> None:
     assert result(manager, "stepped").generated_tokens == [77] * 4
 
 
+def test_kv_cache_tokens(manager: Any) -> None:
+    assert compat.kv_cache_tokens(manager) is None, broken("a manager that has not started has a batch processor")
+    manager.start()
+    manager.add_request([5, 6, 7], request_id="sized", max_new_tokens=2, eos_token_id=[EOS])
+    assert result(manager, "sized").error is None
+    # build_manager: 32 blocks of 16 tokens.
+    assert compat.kv_cache_tokens(manager) == 32 * 16, broken("batch_processor.cache.num_blocks x page_size")
+
+
+def test_captures_steps(model: Any) -> None:
+    """Graphs asked for on a CPU: transformers' warm-up builds the batch processor and turns them off."""
+    config = ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=32, use_cuda_graph=True)
+    built = model.init_continuous_batching(
+        generation_config=GenerationConfig(do_sample=False, eos_token_id=[EOS]), continuous_batching_config=config
+    )
+    built.warmup()
+    assert compat.captures_steps(built) is False, broken("batch_processor.model_runner.pad_inputs")
+
+
 def test_reexported_classes() -> None:
     assert compat.BatchRequest is FutureRequestState, broken("FutureRequestState moved")
     assert {"state", "has_new_token"} <= set(FutureRequestState.__slots__), broken("FutureRequestState.state")

@@ -205,7 +205,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     ) -> None:
         self.vocab_size = vocab_size
         self._device = device
-        self._static_graph = static_graph
+        self.static_graph = static_graph
         self._eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
         # Twice the requests the engine admits: a finished or cancelled request's slot is freed a step
         # or a watcher poll after the engine admits its successor. The last slot is the padding rows'.
@@ -268,7 +268,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     def prepare_tensor_args(self, requests_with_new_token: list[BatchRequest]) -> torch.Tensor:
         states = [request.state for request in requests_with_new_token]
         self._slots.collect({state.request_id for state in states})
-        features = _Features.everything() if self._static_graph else _Features()
+        features = _Features.everything() if self.static_graph else _Features()
         slots: list[int] = []
         for state in states:
             plan: GenerationPlan | None = state.logit_processor_kwargs.get("plan")
@@ -295,7 +295,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
                     self._slots.release(state.request_id)
                     slots.append(self._spare)
                     continue
-            if not self._static_graph:
+            if not self.static_graph:
                 features.add(plan)
             self._update_dynamic_bans(slot, plan, state)
             slots.append(slot)

@@ -156,10 +156,14 @@ class BatchedWorker:
             # warm-up's dummy rows read the sampler's spare slot. A no-op where no graph backend exists (CPU).
             started = time.perf_counter()
             self._manager.warmup()
+            # transformers may have decided against graphs (no graph backend on a CPU; "auto" with an attention
+            # that needs a mask): the sampler then goes back to skipping what no row of a step needs.
+            self.sampler.static_graph = compat.captures_steps(self._manager)
             logger.info(
-                "continuous batching warmed up (graphs %s, compile level %d) in %.1f s",
+                "continuous batching warmed up (graphs %s, compile level %d: steps %s) in %.1f s",
                 cuda_graphs,
                 compile_level,
+                "captured" if self.sampler.static_graph else "not captured on this device",
                 time.perf_counter() - started,
             )
         self._manager.start()
@@ -212,6 +216,11 @@ class BatchedWorker:
         if not self._manager.is_running():
             return "the continuous-batching loop is not running"
         return None
+
+    @property
+    def kv_cache_tokens(self) -> int | None:
+        """The paged cache's capacity in tokens (None until the loop has built it, at its first request)."""
+        return compat.kv_cache_tokens(self._manager)
 
     @property
     def active_requests(self) -> int:

@@ -265,6 +265,11 @@ class Engine:
         )
 
     @property
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens the continuous batch's KV cache holds; None without the batch or before its first request."""
+        return None if self._batched is None else self._batched.kv_cache_tokens
+
+    @property
     def requests_in_progress(self) -> int:
         return self._admitted
 

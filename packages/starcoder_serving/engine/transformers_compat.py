@@ -34,12 +34,14 @@ __all__ = [
     "GenerationOutput",
     "OutputRouter",
     "attention_implementation",
+    "captures_steps",
     "default_generation_params",
     "generation_thread",
     "hand_one_step_to_batch",
     "holds_pause",
     "install_logits_processor",
     "install_output_router",
+    "kv_cache_tokens",
     "loop_failure",
     "original_attention_implementation",
     "wake_up_event",
@@ -111,3 +113,17 @@ def hand_one_step_to_batch(manager: Any) -> None:
     status = manager.background_thread_status
     status.release_pause()
     status.acquire_pause(wake_up_event(manager))
+
+
+def kv_cache_tokens(manager: Any) -> int | None:
+    """Tokens the paged KV cache holds (blocks x page size); None until the loop has built its cache."""
+    processor = manager.batch_processor
+    if processor is None:
+        return None
+    return int(processor.cache.num_blocks * manager.continuous_batching_config.page_size)
+
+
+def captures_steps(manager: Any) -> bool:
+    """After ``warmup()``: whether the batch's steps are padded to fixed shapes and replayed as CUDA graphs or
+    compiled (transformers turns graphs off where no graph backend exists, and may decide for "auto")."""
+    return bool(manager.batch_processor.model_runner.pad_inputs)
