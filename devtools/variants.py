@@ -257,6 +257,12 @@ at most {MAX_BATCH_SEQUENCES}.
   # while letting long prompts prefill in chunks.
   max_batch_tokens: {MAX_BATCH_TOKENS}
 {beams_note}  prefix_sharing: true       # identical prompt prefixes (system prompts, FIM headers) share KV pages
+  # Per-step overheads: CUDA graphs (off / varlen / decode / both / auto), transformers' double-buffered
+  # loop, torch.compile. Off until measured on a GPU: bench/gpu_device.sh measures each alone
+  # (docs/benchmarks.md, "GPU"); the settings that win go here with their figures.
+  cuda_graphs: "off"
+  async_batching: false
+  compile_level: 0
 
 runtime:
   # The engine queues requests itself and answers 503 past `max_queued_requests`; truss's semaphore
