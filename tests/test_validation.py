@@ -59,6 +59,15 @@ def test_bad_values_name_the_field(body: dict[str, object], expected: str) -> No
     assert expected in parse_error(body)
 
 
+@pytest.mark.parametrize("stop", [[1], 5, [["nested"]], {"a": "b"}])
+def test_a_field_of_several_shapes_is_named_once_with_its_shapes(stop: object) -> None:
+    """pydantic reports each union member that failed ("stop.str", "stop.list[str].0"); a client wrote `stop`."""
+    with pytest.raises(InvalidRequest) as caught:
+        PredictService.parse({"prompt": "x", "stop": stop})
+    assert caught.value.param == "stop"
+    assert caught.value.message == "`stop` must be a string or a list of strings."
+
+
 def test_unknown_parameters_are_named_with_the_list_of_accepted_ones() -> None:
     message = parse_error({"prompt": "x", "max_tokenz": 5})
     assert "Unknown parameter `max_tokenz`" in message

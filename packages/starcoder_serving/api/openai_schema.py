@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
+from starcoder_serving.api.field_errors import STOP_SHAPE, describe_validation_error
 from starcoder_serving.engine.sampling_params import AdditivePenalty, LogitBias, SamplingParams, Seed
 from starcoder_serving.errors import InvalidRequest
 
@@ -320,43 +321,9 @@ class ChatCompletionRequest(SamplingRequest):
 # Fields that take one of several shapes: one sentence for the field instead of one per shape.
 UNION_FIELDS: dict[str, str] = {
     "prompt": f"a string, a list of strings, a list of token ids (ints >= 0) or a list of such lists (at most {MAX_PROMPTS})",
-    "stop": "a string or a list of strings",
+    "stop": STOP_SHAPE,
     "content": 'a string or a list of {"type": "text", "text": "..."} parts',
 }
-
-
-def _is_union_tag(part: str | int) -> bool:
-    """pydantic names the union member that failed in the error's location ("str", "list[str]", ...)."""
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or "-" in part)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) < 80 else type(value).__name__
-
-
-def describe_validation_error(error: pydantic.ValidationError) -> InvalidRequest:
-    """One readable sentence per wrong field (union members folded into one), naming the field."""
-    problems: dict[str, str] = {}
-    for detail in error.errors():
-        raw = tuple(detail["loc"])
-        loc = [part for part in raw if not _is_union_tag(part)]
-        cut = next((i for i, part in enumerate(loc) if part in UNION_FIELDS), None)
-        if len(loc) != len(raw) and cut is not None:
-            name = ".".join(str(part) for part in loc[: cut + 1])
-            problems.setdefault(name, f"`{name}` must be {UNION_FIELDS[str(loc[cut])]}.")
-            continue
-        name = ".".join(str(part) for part in loc) or "body"
-        if detail["type"] == "extra_forbidden":
-            text = f"Unknown field `{name}`; remove it."
-        elif detail["type"] == "missing":
-            text = f"`{name}` is required."
-        elif detail["type"] == "value_error":
-            text = f"`{name}` {str(detail['msg']).removeprefix('Value error, ')}."
-        else:
-            text = f"`{name}`: {detail['msg']} (got {_shown(detail.get('input'))})."
-        problems.setdefault(name, text)
-    return InvalidRequest(" ".join(problems.values()), param=next(iter(problems), None))
 
 
 def _parse(model: type[pydantic.BaseModel], body: dict[str, Any], route: str) -> Any:
@@ -374,7 +341,7 @@ def _parse(model: type[pydantic.BaseModel], body: dict[str, Any], route: str) ->
     try:
         parsed = model.model_validate(body)
     except pydantic.ValidationError as exc:
-        raise describe_validation_error(exc) from None
+        raise describe_validation_error(exc, shapes=UNION_FIELDS) from None
     parsed.check_supported()
     return parsed
 

@@ -12,12 +12,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from starcoder_serving.api import envelope
+from starcoder_serving.api.field_errors import STOP_SHAPE, describe_validation_error
+from starcoder_serving.api.generation_params import PYTHON_ONLY_PARAMETERS
 from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
 from starcoder_serving.api.predict_schema import PredictRequest
 from starcoder_serving.api.tgi_route import TgiService
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import GenerationPlan
-from starcoder_serving.errors import InvalidRequest, ServingError, describe_validation_error
+from starcoder_serving.errors import InvalidRequest, ServingError
 from starcoder_serving.text.prompts import RenderedPrompt
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,9 @@ class PredictService:
         try:
             return PredictRequest.model_validate(body)
         except pydantic.ValidationError as exc:
-            raise describe_validation_error(exc, PREDICT_FIELDS) from None
+            raise describe_validation_error(
+                exc, known_fields=PREDICT_FIELDS, not_accepted=PYTHON_ONLY_PARAMETERS, shapes={"stop": STOP_SHAPE}
+            ) from None
 
     def render(self, parsed: PredictRequest) -> RenderedPrompt:
         if parsed.prompt is not None:

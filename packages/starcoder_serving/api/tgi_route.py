@@ -21,9 +21,9 @@ import pydantic
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from starcoder_serving.api.field_errors import describe_validation_error
 from starcoder_serving.api.http_body import unless_disconnected, until_disconnected
 from starcoder_serving.api.openai_route import TokenTexts
-from starcoder_serving.api.openai_schema import describe_validation_error
 from starcoder_serving.api.tgi_schema import TgiRequest
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import FinishReason, GenerationPlan, TokenLogprob
