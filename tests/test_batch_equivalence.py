@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import GenerationPlan
 from starcoder_serving.engine.path_choice import Path as Route
@@ -82,6 +83,9 @@ CASES: dict[str, Case] = {
     "logprobs_chosen_only": Case(fixed({"logprobs": 0}), ENDING[:1], changes=False),
     "max_length": Case(fixed({"max_length": 20})),  # counts the prompt: 13 to 15 new tokens instead of 24
     "do_sample_with_greedy_temperature": Case(fixed({"do_sample": True, "temperature": 1e-30}), changes=False),
+    "renormalize_and_remove_invalid": Case(
+        fixed({"renormalize_logits": True, "remove_invalid_values": True}), changes=False
+    ),
     "penalties_and_bans_together": Case(
         lambda g: {
             "repetition_penalty": 1.3,
@@ -317,6 +321,7 @@ SAMPLED: dict[str, dict[str, Any]] = {
     "typical_p": {"typical_p": 0.9},
     "epsilon_cutoff": {"epsilon_cutoff": 0.01},
     "eta_cutoff": {"eta_cutoff": 0.01},
+    "penalised": {"repetition_penalty": 1.3, "presence_penalty": 0.5},
 }
 SAMPLED_PROMPTS = ("fib", "fn", "for")
 
@@ -385,3 +390,77 @@ def test_only_beam_search_leaves_the_batch(bench: Bench) -> None:
     assert engine.routed[Route.BATCHED] == routed[Route.BATCHED]
     # The reference engine really is generate() alone, for everything.
     assert bench.reference.route(bench.plan(bench.reference, "fib", {})).path is Route.GENERATE
+
+
+# ---- isolation ----
+
+# Values at and past every bound a client may send; none may change, fail or stall another request.
+HOSTILE: dict[str, dict[str, Any]] = {
+    "tiny_temperature": {"do_sample": True, "temperature": 1e-46},
+    "tiny_repetition_penalty": {"do_sample": True, "repetition_penalty": 1e-300},
+    "huge_repetition_penalty": {"do_sample": True, "repetition_penalty": 1e300},
+    "knobs_at_bounds": {
+        "do_sample": True,
+        "temperature": 100.0,
+        "top_k": 1,
+        "top_p": 1e-9,
+        "min_p": 1.0,
+        "typical_p": 1e-9,
+        "epsilon_cutoff": 0.999,
+        "eta_cutoff": 0.999,
+    },
+    "penalties_at_bounds": {"presence_penalty": 2.0, "frequency_penalty": -2.0, "logit_bias": {7: 100.0, 8: -100.0}},
+    "huge_decay": {"exponential_decay_length_penalty": (0, 1e300)},
+    "everything_banned": {"suppress_tokens": list(range(694))},
+}
+
+
+def test_hostile_values_never_change_fail_or_stall_their_neighbours(bench: Bench, neighbours: Neighbours) -> None:
+    engine = bench.batch
+    hostile = [bench.plan(engine, "fib", values) for values in HOSTILE.values()]
+
+    async def run() -> list[Completion | BaseException]:
+        plans = [*neighbours.plans, *hostile]
+        return list(await asyncio.gather(*(engine.complete(plan) for plan in plans), return_exceptions=True))
+
+    for _ in range(2):
+        results = asyncio.run(run())
+        innocent = results[: len(neighbours.plans)]
+        assert all(isinstance(r, Completion) for r in innocent), innocent
+        check_neighbours(innocent, neighbours, "hostile values")  # type: ignore[arg-type]
+        for name, outcome in zip(HOSTILE, results[len(neighbours.plans) :]):
+            if name == "everything_banned":  # no token left: that request alone fails, with a 400
+                assert getattr(outcome, "status_code", None) == 400, outcome
+            else:
+                assert isinstance(outcome, Completion), (name, outcome)
+    assert engine.requests_in_progress == 0
+
+
+# ---- graph mode ----
+
+GRAPH_MODE_CASES = ("repetition_penalty", "presence_penalty", "min_new_tokens", "no_repeat_ngram_size_1", "logprobs")
+
+
+def test_graph_mode_runs_every_operation_every_step_with_the_same_answers(tiny_model_dir: Path, bench: Bench) -> None:
+    """With CUDA graphs or torch.compile the sampler cannot skip operations per step; the answers must not change.
+    On a CPU transformers turns the graphs themselves off, but the sampler still runs as it would under them,
+    and transformers' warm-up steps (dummy rows that carry no request) run through it."""
+    engine = Engine.load(tiny_settings(tiny_model_dir, cuda_graphs="both"), DATA_DIR)
+    try:
+        assert engine._batched is not None
+        assert not engine._batched.sampler.static_graph  # no graph backend here: transformers turned them off
+        engine._batched.sampler.static_graph = True  # as on a GPU
+        with engine._batched.exclusive(), torch.no_grad():  # as manager.warmup() runs them
+            runner = engine._batched._manager.batch_processor.model_runner
+            # transformers catches a failed warm-up step and returns 0 s: these must really run.
+            assert runner.run_one_warmup(engine.model, num_q_tokens=4, max_kv_read=None) > 0  # four decoding rows
+            assert runner.run_one_warmup(engine.model, num_q_tokens=32, max_kv_read=16) > 0  # a prefill chunk
+        for name in GRAPH_MODE_CASES:
+            parameters = CASES[name].parameters(bench.greedy)
+            for prompt in CASES[name].prompts:
+                got = one(engine, bench.plan(engine, prompt, parameters))
+                assert_same(got, bench.reference_answer(prompt, parameters), f"{name} on {prompt!r} in graph mode")
+        seeded = bench.plan(engine, "fn", {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "seed": 3})
+        assert one(engine, seeded).text == one(engine, seeded).text
+    finally:
+        engine.shutdown()
