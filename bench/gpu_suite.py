@@ -89,14 +89,8 @@ class Equality(pydantic.BaseModel):
     failures: int
 
 
-class Level(pydantic.BaseModel):
-    concurrency: int
-    requests: int
-    failures: int
-    output_tokens_per_s: float
-    latency_s: Percentiles
-    ttft_s: Percentiles
-    # Decode tokens/s of one stream: (L - 1) / (latency - TTFT), median over requests (batched runs).
+class Level(gpu.EngineLevel):
+    # Decode tokens/s of one stream: (L - 1) / (latency - TTFT), medians (batched runs).
     per_stream_tokens_per_s: float | None = None
     batched_roofline_tokens_per_s: float
     fraction_of_batched_roofline: float
@@ -317,12 +311,7 @@ class Suite:
                 per_stream = (new_tokens - 1) / max(level.latency_s.p50 - level.ttft_s.p50, 1e-9)
             results.append(
                 Level(
-                    concurrency=concurrency,
-                    requests=level.requests,
-                    failures=level.failures,
-                    output_tokens_per_s=level.output_tokens_per_s,
-                    latency_s=level.latency_s,
-                    ttft_s=level.ttft_s,
+                    **level.model_dump(),
                     per_stream_tokens_per_s=per_stream,
                     batched_roofline_tokens_per_s=roofline,
                     fraction_of_batched_roofline=level.output_tokens_per_s / roofline if roofline else 0.0,
