@@ -47,10 +47,10 @@ class TextAssembler:
         self.reason: FinishReason | None = None
 
     def feed(self, event: TokenEvent | DoneEvent) -> str:
-        """The text this event completes; sets ``reason`` when the completion is over."""
+        """The text this event completes; sets ``reason`` when the completion is over. A failed generation's
+        DoneEvent is not text: the engine raises its error to the client instead of feeding it here."""
         if isinstance(event, DoneEvent):
-            if event.error is not None:
-                raise event.error
+            assert event.error is None, "a failed generation's event reached the text assembler"
             tail = self._matcher.feed(self._detokenizer.flush())
             text = tail.emit if tail.stopped else tail.emit + self._matcher.flush()
             self.reason = FinishReason.STOP if tail.stopped else event.reason
