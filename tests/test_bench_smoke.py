@@ -101,9 +101,9 @@ def test_gpu_suite_runs_every_phase_on_a_cpu_stand_in(tmp_path: Path) -> None:
     from bench import gpu_suite
 
     args = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--out-dir", str(tmp_path), "--label", "t"]
-    args += ["--new-tokens", "8", "--prompt-tokens", "48", "--levels", "1", "4", "--seed-levels", "1", "4"]
-    args += ["--variant-levels", "2", "--check-prompts", "3", "--check-tokens", "8", "--ttft-trials", "1"]
-    args += ["--fim-tokens", "300", "--copy-gib", "0.05", "--variants", "graphs-both", "async", "page-64"]
+    args += ["--new-tokens", "6", "--prompt-tokens", "32", "--levels", "1", "3", "--seed-levels", "1", "3"]
+    args += ["--variant-levels", "2", "--check-prompts", "3", "--check-tokens", "6", "--ttft-trials", "1"]
+    args += ["--fim-tokens", "200", "--copy-gib", "0.02", "--repeats", "1", "--variants", "graphs-both", "async"]
     assert gpu_suite.main(args) == 0
     report = gpu_suite.SuiteReport.model_validate_json((tmp_path / "results-t.json").read_text())
     status = {phase.name: phase.status for phase in report.phases}
@@ -115,7 +115,6 @@ def test_gpu_suite_runs_every_phase_on_a_cpu_stand_in(tmp_path: Path) -> None:
         "seed": "done",
         "variant:graphs-both": "done",
         "variant:async": "done",
-        "variant:page-64": "done",
         "memory_80gb": "failed",  # needs CUDA
     }, report.phases
     assert report.reference_prompts == 3
@@ -124,13 +123,13 @@ def test_gpu_suite_runs_every_phase_on_a_cpu_stand_in(tmp_path: Path) -> None:
         assert all(level.failures == 0 and level.output_tokens_per_s > 0 for level in run.levels), run
         assert run.kv_cache_tokens and run.kv_cache_tokens > 0
     baseline = report.runs[0]
-    assert baseline.name == "baseline" and [level.concurrency for level in baseline.levels] == [1, 4]
-    assert baseline.ttft is not None and baseline.ttft.prompt_tokens > 300
+    assert baseline.name == "baseline" and [level.concurrency for level in baseline.levels] == [1, 3]
+    assert baseline.ttft is not None and baseline.ttft.prompt_tokens > 200
     assert baseline.profile is not None
     # The batch loop is transformers' thread: its stacks must show the forward pass.
     loops = [thread for thread in baseline.profile.threads if "generation_loop" in thread.thread]
     assert loops, [thread.thread for thread in baseline.profile.threads]
     assert any(name.endswith("_forward_process_and_sample") for name, _share in loops[0].inclusive), loops[0]
-    assert report.seed is not None and set(report.speedup) == {1, 4}
-    assert report.concurrency_target in (1, 4)
+    assert report.seed is not None and set(report.speedup) == {1, 3}
+    assert report.concurrency_target in (1, 3)
     assert (tmp_path / "profile-t.txt").exists()
