@@ -584,7 +584,7 @@ def summary(report: SuiteReport) -> str:
                     f"{name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]} {share:.0%}"
                     for name, share in thread.inclusive[:6]
                 )
-                lines.append(f"{'':>20}{thread.thread}: {busy}")
+                lines.append(f"{'':>20}{thread.thread} (busy {thread.busy:.0%}): {busy}")
     if report.seed:
         lines.append(
             "              seed: "

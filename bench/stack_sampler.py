@@ -21,11 +21,16 @@ import pydantic
 class ThreadProfile(pydantic.BaseModel):
     thread: str
     samples: int
+    # Share of samples not parked in a wait (lock, queue, event, selector, sleep): how busy the thread was.
+    busy: float
     # (function, fraction of the thread's samples with it on the stack), largest first.
     inclusive: list[tuple[str, float]]
     # (function, fraction of samples where it was the innermost Python frame), largest first.
     innermost: list[tuple[str, float]]
 
+
+# Innermost frames that mean "waiting", not working.
+_WAITS = (".wait", ".select", ".sleep", ".get", "._wait_for_tstate_lock", ".acquire")
 
 # Plumbing every thread has on its stack: left out of the inclusive counts so the work shows (an idle
 # thread still shows as such in the innermost counts: threading.Condition.wait, selectors...).
@@ -80,12 +85,14 @@ class StackSampler:
         for thread, samples in self._samples.most_common():
             if samples < min_samples:
                 continue
+            waiting = sum(n for name, n in self._innermost[thread].items() if name.endswith(_WAITS))
             out.append(
                 ThreadProfile(
                     thread=thread,
                     samples=samples,
+                    busy=1 - waiting / samples,
                     inclusive=[(name, n / samples) for name, n in self._inclusive[thread].most_common(top)],
                     innermost=[(name, n / samples) for name, n in self._innermost[thread].most_common(top)],
                 )
             )
-        return out
+        return sorted(out, key=lambda profile: -profile.busy)
