@@ -81,6 +81,10 @@ def test_chat_messages_accept_text_parts_and_developer_role() -> None:
             ],
             "response_format": {"type": "text"},
             "tools": [],
+            # What some clients send by default; harmless in these forms.
+            "store": False,
+            "metadata": {},
+            "service_tier": "auto",
         }
     )
     assert parsed.template_messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"}]
@@ -143,6 +147,9 @@ REFUSED_CHATS: list[tuple[dict[str, Any], str, str]] = [
     ({"messages": [*CHAT, {"role": "assistant", "content": "x"}]}, "messages", "must end with a user"),
     ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools", "tool"),
     ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format", "structured output"),
+    ({"messages": CHAT, "store": True}, "store", "not stored"),
+    ({"messages": CHAT, "metadata": {"team": "a"}}, "metadata", "stored completions"),
+    ({"messages": CHAT, "service_tier": "flex"}, "service_tier", "one service tier"),
     ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs", '"logprobs": true'),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", ""),
     ({"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens", "either"),

@@ -248,6 +248,9 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, str] = {
     "modalities": 'only text output is supported; send ["text"] or leave it out',
     "prediction": "predicted outputs are not supported",
     "reasoning_effort": "this model does not reason",
+    "store": "completions are not stored on this server; send false or leave it out",
+    "metadata": "metadata is kept only with stored completions, and this server stores none",
+    "service_tier": 'there is one service tier; send "auto" or "default", or leave it out',
 }
 
 
@@ -269,6 +272,9 @@ class ChatCompletionRequest(SamplingRequest):
     modalities: Any = None
     prediction: Any = None
     reasoning_effort: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
 
     def new_token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -283,6 +289,9 @@ class ChatCompletionRequest(SamplingRequest):
                 or (name == "tool_choice" and value == "none")
                 or (name == "response_format" and value == {"type": "text"})
                 or (name == "modalities" and value == ["text"])
+                or (name == "store" and value is False)
+                or (name == "metadata" and value == {})
+                or (name == "service_tier" and value in ("auto", "default"))
             )
             if not harmless:
                 raise InvalidRequest(f"`{name}` is not supported: {reason}.", param=name)
