@@ -457,8 +457,23 @@ class Suite:
                     )
 
     def variant(self, name: str, overrides: dict[str, Any]) -> None:
-        if overrides.get("attn_implementation") == "flash_attention_2" and self.report.flash_attn is None:
+        attention = overrides.get("attn_implementation")
+        if attention == "flash_attention_2" and self.report.flash_attn is None:
             raise RuntimeError("flash_attn is not installed on this machine")
+        # The setting is applied when a checkpoint is loaded (Engine.load); this model is built once, so the
+        # variant switches its attention itself, and back afterwards.
+        from starcoder_serving.engine.transformers_compat import attention_implementation
+
+        original = attention_implementation(self.model)
+        if attention is not None:
+            self.model.set_attn_implementation(attention)
+        try:
+            self._variant(name, overrides)
+        finally:
+            if attention is not None:
+                self.model.set_attn_implementation(original)
+
+    def _variant(self, name: str, overrides: dict[str, Any]) -> None:
         with self.engine(overrides) as (engine, startup, cache):
             run = EngineRun(
                 name=name,
