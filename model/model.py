@@ -43,6 +43,7 @@ class Model:
             self._lazy_data_resolver.block_until_download_complete()
         settings = ServingSettings.from_sources(self._config.get("model_metadata"))
         engine = Engine.load(settings, self._data_dir, hf_token=self._hf_token())
+        engine.warm_up()  # before truss reports ready: the first user request pays no one-off costs
         self._engine = engine
         self._predict = PredictService(engine)
         self._openai = OpenAIService(engine)

@@ -56,6 +56,19 @@ def loaded() -> Model:
     return model
 
 
+def test_load_warms_up_both_paths_before_ready(batching_env: None) -> None:
+    """The batch's KV cache exists before the first user request, and the warm-up is not counted as traffic."""
+    model = loaded()
+    engine = model._engine
+    assert engine is not None
+    try:
+        assert engine.kv_cache_tokens is not None and engine.kv_cache_tokens > 0
+        assert all(count == 0 for count in engine.routed.values()), engine.routed
+        assert engine.requests_in_progress == 0 and model.is_healthy()
+    finally:
+        engine.shutdown()
+
+
 def test_healthy_until_the_generate_worker_is_gone(batching_env: None) -> None:
     model = loaded()
     assert model.is_healthy()

@@ -363,6 +363,29 @@ class Engine:
 
         return await asyncio.wrap_future(self._worker.run_exclusive(forward))
 
+    def warm_up(self) -> None:
+        """Serve one short request down each path before the replica reports ready.
+
+        The first user request then pays none of the one-off costs: the batch's KV cache and loop
+        thread, CUDA kernels and library handles. A model that cannot generate fails the deploy at load
+        instead of failing its first requests. Warm-up requests are not counted in ``routed``.
+        """
+        started = time.perf_counter()
+        counted = dict(self.routed)
+        prompt_ids = self.tokenize("def")
+        tokens = min(2, self.settings.max_new_tokens_cap)
+        greedy = SamplingParams(max_new_tokens=tokens)
+        # Beam search takes the generate() path whatever the settings (where they allow beams at all).
+        beams = SamplingParams(max_new_tokens=tokens, num_beams=min(2, self.settings.max_num_beams))
+
+        async def both_paths() -> None:
+            for sampling in (greedy, beams):
+                await self.complete(self.plan(prompt_ids, sampling)[0])
+
+        asyncio.run(both_paths())
+        self.routed = counted
+        logger.info("warmed up both generation paths in %.2f s", time.perf_counter() - started)
+
     def health(self) -> str | None:
         """None when the engine can serve requests; else the reason it cannot (a replica to restart)."""
         if not self._worker.alive:
