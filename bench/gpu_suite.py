@@ -19,8 +19,9 @@ Phases, in order (the cheap and essential first, torch.compile last):
 4. ``baseline``: config.yaml's engine. Greedy equality with the reference (the prompts all at once),
    throughput and latency at each concurrency level against the batched roofline
    (batch x bandwidth / (weight bytes + the KV bytes the batch reads per step)), TTFT of a 1,500-token
-   FIM prompt cold and with its prefix cached, and a torch.profiler summary of one-client decoding
-   (GPU kernel time against wall time: the rest is launch gaps and Python scheduling).
+   FIM prompt cold and with its prefix cached, and a profile of one-client decoding: GPU kernel time
+   against wall time (torch.profiler; the rest is launch gaps and host work) and each thread's sampled
+   Python stacks (bench/stack_sampler.py: where the batch loop's host time goes).
 5. ``seed``: the one-at-a-time approach (every request through ``generate()``) at a few levels.
 6. ``variant:*``: one setting changed each: CUDA graphs per path, asynchronous batching, KV page
    sizes, flash attention when installed. Each: warm-up time, greedy equality, throughput.
@@ -55,7 +56,7 @@ CONFIG_PATH = REPO_ROOT / "config.yaml"
 # The A100 / H100 80 GB cards' memory, which config.yaml's sizing assumes (81,920 MiB).
 CARD_80GB_BYTES = 81920 * 2**20
 
-# One setting changed each, on top of config.yaml's model_metadata. The value None means "not on this machine".
+# One setting changed each, on top of config.yaml's model_metadata.
 VARIANTS: dict[str, dict[str, Any]] = {
     "graphs-varlen": {"cuda_graphs": "varlen"},
     "graphs-decode": {"cuda_graphs": "decode"},
