@@ -135,7 +135,7 @@ class _Features:
         self.bias |= bool(p.logit_bias)
         self.repetition |= p.repetition_penalty != 1.0
         self.additive |= bool(p.presence_penalty or p.frequency_penalty)
-        self.dynamic_bans |= bool(p.no_repeat_ngram_size) or any(len(w) > 1 for w in p.bad_words_ids)
+        self.dynamic_bans |= p.has_dynamic_bans
         self.min_new_tokens |= p.min_new_tokens > 0
         self.decay |= p.exponential_decay_length_penalty is not None
         self.banned |= bool(p.suppress_tokens) or any(len(w) == 1 for w in p.bad_words_ids)
@@ -344,7 +344,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, state: Any) -> None:
         """N-gram and multi-token bad-word bans for the request's next token, from its whole sequence."""
         p = plan.sampling
-        if not p.no_repeat_ngram_size and not any(len(word) > 1 for word in p.bad_words_ids):
+        if not p.has_dynamic_bans:
             return
         # initial_tokens: the prompt, plus the tokens generated before the cache was offloaded, if it was.
         tokens = [*state.initial_tokens, *state.generated_tokens]

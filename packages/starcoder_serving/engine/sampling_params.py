@@ -84,12 +84,16 @@ class SamplingParams(pydantic.BaseModel):
         return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def has_dynamic_bans(self) -> bool:
+        """Bans that depend on the tokens so far: n-gram repeats and multi-token bad words (computed on the host
+        from the request's sequence each step)."""
+        return bool(self.no_repeat_ngram_size) or any(len(word) > 1 for word in self.bad_words_ids)
+
+    @property
     def needs_host_history(self) -> bool:
-        """Whether each step needs the request's latest token on the host: n-gram and multi-token bad-word
-        bans are computed there, and logprobs are read back there after the step."""
-        return bool(
-            self.no_repeat_ngram_size or any(len(word) > 1 for word in self.bad_words_ids) or self.logprobs is not None
-        )
+        """Whether each step needs the request's latest token on the host: for its dynamic bans, and to read
+        its logprobs back after the step."""
+        return self.has_dynamic_bans or self.logprobs is not None
 
     @property
     def beam_search(self) -> bool:
