@@ -205,7 +205,6 @@ async def engine_level(
     new_tokens: int,
     concurrency: int,
     requests_per_client: int,
-    **sampling: Any,
 ) -> EngineLevel:
     """``concurrency`` clients, client i sending prompts[i % len(prompts)] back to back; a failed request is
     counted, not raised, so one level's errors do not hide the others' figures."""
@@ -221,7 +220,7 @@ async def engine_level(
         for _ in range(requests_per_client):
             # build_model makes <|endoftext|> unreachable, so each request runs all L tokens (plain greedy:
             # the cheapest row of the batch sampler).
-            plan = engine.plan(prompt_ids, SamplingParams(max_new_tokens=new_tokens, **sampling))[0]
+            plan = engine.plan(prompt_ids, SamplingParams(max_new_tokens=new_tokens))[0]
             done: list[Any] = []
             started = time.perf_counter()
             first: float | None = None

@@ -170,6 +170,9 @@ class SuiteReport(pydantic.BaseModel):
     # The largest level whose p95 latency stays within 1.25x of one client's: the autoscaling target.
     concurrency_target: int | None = None
 
+    def run_named(self, name: str) -> EngineRun | None:
+        return next((run for run in self.runs if run.name == name), None)
+
 
 class Budget:
     def __init__(self, seconds: float) -> None:
@@ -448,7 +451,7 @@ class Suite:
             run.levels = self.levels(engine, self.args.seed_levels, batched=False)
             run.routed = {path.value: count for path, count in engine.routed.items()}
         self.report.seed = run
-        baseline = next((r for r in self.report.runs if r.name == "baseline"), None)
+        baseline = self.report.run_named("baseline")
         if baseline is not None:
             seed_by_level = {level.concurrency: level.output_tokens_per_s for level in run.levels}
             for level in baseline.levels:

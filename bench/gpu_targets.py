@@ -29,7 +29,7 @@ def _level(run: EngineRun | None, concurrency: int) -> Level | None:
 
 
 def verdicts(report: SuiteReport) -> list[Verdict]:
-    baseline = next((run for run in report.runs if run.name == "baseline"), None)
+    baseline = report.run_named("baseline")
     roofline = report.roofline_tokens_per_s or 0.0
     out: list[Verdict] = []
 
