@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv serve test bench eval tiny-model gpu-wheels clean
+.PHONY: venv serve test bench bench-peer eval tiny-model gpu-wheels clean
 
 # Rebuilt when the pins change. Truss's server needs its own requirements (as its Docker image
 # installs them), bounded by its constraints file; its `-i` line is dropped so pip's configured
@@ -36,6 +36,11 @@ test: venv
 
 bench: venv
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Ours vs `transformers serve --continuous-batching` vs the seed on the tiny model (docs/benchmarks.md,
+# "Peer comparison"); installs the peer into .cache/bench/peer-venv on first use. BENCH_ARGS="--quick": a fast check.
+bench-peer: venv
+	$(PY) -m bench.run --compare $(BENCH_ARGS)
 
 # HumanEval against a running server: `make serve` in another shell, or --base-url/--api-key for a deployment.
 eval: venv

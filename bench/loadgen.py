@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -50,6 +50,8 @@ class RequestSample(pydantic.BaseModel):
     chunk_gaps_s: list[float] = pydantic.Field(default_factory=list)
     chunks: int = 0
     text: str = ""
+    # The server's own count (OpenAI's usage) where the route reports one; None: count by the text.
+    completion_tokens: int | None = None
     error: str | None = None
 
 
@@ -131,44 +133,57 @@ async def warmup(client: httpx.AsyncClient, spec: LoadSpec) -> WarmupCheck:
     return check
 
 
+class StreamClock:
+    """One request's timings: sent, the first chunk (TTFT), the gaps between chunks, done."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.last = self.started
+        self.gaps: list[float] = []
+        self.chunks = 0
+
+    def tick(self) -> None:
+        """A chunk has arrived."""
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+        self.chunks += 1
+
+    def failed(self, error: str) -> RequestSample:
+        return RequestSample(ok=False, latency_s=time.perf_counter() - self.started, error=error)
+
+    def done(self, **fields: Any) -> RequestSample:
+        return RequestSample(
+            ok=True,
+            latency_s=time.perf_counter() - self.started,
+            ttft_s=None if self.first is None else self.first - self.started,
+            chunk_gaps_s=self.gaps,
+            chunks=self.chunks,
+            **fields,
+        )
+
+
 async def one_request(client: httpx.AsyncClient, spec: LoadSpec) -> RequestSample:
-    started = time.perf_counter()
-    first: float | None = None
-    last = started
-    gaps: list[float] = []
-    chunks = 0
+    clock = StreamClock()
     parts: list[bytes] = []
     try:
         async with client.stream("POST", spec.predict_url, json=spec.body(stream=True), headers=spec.headers) as r:
             if r.status_code != 200:
                 body = (await r.aread()).decode(errors="replace")
-                return RequestSample(
-                    ok=False, latency_s=time.perf_counter() - started, error=f"HTTP {r.status_code}: {body[:200]}"
-                )
+                return clock.failed(f"HTTP {r.status_code}: {body[:200]}")
             async for chunk in r.aiter_raw():
-                if not chunk:
-                    continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-                chunks += 1
-                parts.append(chunk)
+                if chunk:
+                    clock.tick()
+                    parts.append(chunk)
     except httpx.HTTPError as exc:
-        return RequestSample(ok=False, latency_s=time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}")
-    end = time.perf_counter()
-    if first is None:
-        return RequestSample(ok=False, latency_s=end - started, error="empty stream")
-    return RequestSample(
-        ok=True,
-        latency_s=end - started,
-        ttft_s=first - started,
-        chunk_gaps_s=gaps,
-        chunks=chunks,
-        text=b"".join(parts).decode("utf-8", errors="replace"),
-    )
+        return clock.failed(f"{type(exc).__name__}: {exc}")
+    if clock.first is None:
+        return clock.failed("empty stream")
+    return clock.done(text=b"".join(parts).decode("utf-8", errors="replace"))
 
 
 async def run_level(
@@ -179,31 +194,51 @@ async def run_level(
     on_done: Callable[[RequestSample], None] | None = None,
 ) -> LevelResult:
     """``concurrency`` clients, each sending ``requests_per_client`` requests one after another."""
+    samples, wall = await closed_loop(lambda: one_request(client, spec), concurrency, spec.requests_per_client, on_done)
+    return summarize(concurrency, samples, wall, check)
+
+
+async def closed_loop(
+    send: Callable[[], Awaitable[RequestSample]],
+    concurrency: int,
+    requests_per_client: int,
+    on_done: Callable[[RequestSample], None] | None = None,
+) -> tuple[list[RequestSample], float]:
+    """``concurrency`` clients, each awaiting ``send()`` ``requests_per_client`` times; the samples and wall time."""
     samples: list[RequestSample] = []
 
     async def client_loop() -> None:
-        for _ in range(spec.requests_per_client):
-            sample = await one_request(client, spec)
+        for _ in range(requests_per_client):
+            sample = await send()
             samples.append(sample)
             if on_done is not None:
                 on_done(sample)
 
     started = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    return summarize(concurrency, samples, wall, check)
+    return samples, time.perf_counter() - started
+
+
+def _verified(sample: RequestSample, check: WarmupCheck) -> RequestSample:
+    """Greedy decoding: every request must produce the warm-up's completion, so it has the warm-up's token
+    count. A request whose text (or, where the server counts them, whose token count) differs is counted
+    as failed rather than guessed at."""
+    if not sample.ok:
+        return sample
+    if sample.completion_tokens is not None:
+        if sample.completion_tokens == check.completion_tokens:
+            return sample
+        error = f"{sample.completion_tokens} completion tokens, the warm-up had {check.completion_tokens}"
+    elif sample.text == check.completion:
+        return sample
+    else:
+        error = "streamed text differs from the warm-up completion"
+    return sample.model_copy(update={"ok": False, "error": error})
 
 
 def summarize(concurrency: int, samples: Sequence[RequestSample], wall_s: float, check: WarmupCheck) -> LevelResult:
-    # Greedy decoding: every request must produce the warm-up's completion, so it has the warm-up's
-    # token count. A request whose text differs is counted as failed rather than guessed at.
     new_tokens = check.completion_tokens
-    samples = [
-        s
-        if not s.ok or s.text == check.completion
-        else s.model_copy(update={"ok": False, "error": "streamed text differs from the warm-up completion"})
-        for s in samples
-    ]
+    samples = [_verified(s, check) for s in samples]
     ok = [s for s in samples if s.ok]
     output_tokens = new_tokens * len(ok)
     tpot = [(s.latency_s - s.ttft_s) / (new_tokens - 1) for s in ok if s.ttft_s is not None and new_tokens > 1]

@@ -3,6 +3,7 @@
     make bench                                             # local: batched server vs seed server, tiny model on CPU
     make bench BENCH_ARGS="--base-url https://model-xxxx.api.baseten.co/environments/production --api-key KEY"
     make bench BENCH_ARGS="--gpu"                          # StarCoder-15.5B-shaped random weights on a CUDA GPU
+    make bench-peer                                        # ours vs transformers serve vs seed (bench/compare.py)
 
 Locally it starts two servers one after the other (never together: they would share the CPU): the
 server as configured (continuous batching) and the same server with STARCODER_CONTINUOUS_BATCHING=0,
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from bench import compare
 from bench.loadgen import (
     BenchError,
     LevelResult,
@@ -40,6 +42,7 @@ from bench.loadgen import (
     warmup,
 )
 from bench.mixed import MixedLevel, MixedSpec, mixed_table, run_mixed_level
+from bench.peer import claim_port, truss_server_on
 from bench.report import BenchReport, ServerRun, compute_mixed_ratios, compute_ratios, markdown_table, write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,8 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokenizer used to build the P-token prompt (default: the "
         "tiny model's, the server's own tokenizer locally); the server-reported count is recorded",
     )
+    compare.add_arguments(parser)
     out = parser.add_argument_group("output")
-    out.add_argument("--label", help="results-<label>.json / plot-<label>.png (default local-cpu or remote)")
+    out.add_argument(
+        "--label",
+        help="results-<label>.json / plot-<label>.png (default local-cpu or remote; --compare: peer-local-cpu)",
+    )
     out.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
     out.add_argument(
         "--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench", help="server layouts and logs (local mode)"
@@ -259,23 +266,22 @@ Runs = tuple[list[ServerRun], dict[str, list[MixedLevel]]]
 
 def run_local(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
     from devtools.tiny_model import build_tiny_model
-    from devtools.truss_local import DEFAULT_TINY_MODEL_DIR, ServerFailed, running_server
+    from devtools.truss_local import DEFAULT_TINY_MODEL_DIR
 
     model_dir = build_tiny_model(DEFAULT_TINY_MODEL_DIR)
     prompts = prompts_for(args, args.tokenizer or model_dir)
     env = {"STARCODER_CHECKPOINT": str(model_dir), "STARCODER_DTYPE": "float32", "STARCODER_DEVICE": "cpu"}
     servers = LOCAL_SERVERS[:1] if args.no_seed else LOCAL_SERVERS
     targets: list[Target] = []
+    ports: set[int] = set()
     # Both run at once but only one is ever under load; an idle server costs no CPU.
     with contextlib.ExitStack() as running:
         for name, description, extra in servers:
             work = args.work_dir / name
             work.mkdir(parents=True, exist_ok=True)
-            print(f"[{name}] starting the Truss server (log {work / 'server.log'})", flush=True)
-            try:
-                server = running.enter_context(running_server(work, {**env, **extra}, ready_timeout_s=300))
-            except ServerFailed as failure:
-                raise BenchError(str(failure)) from None
+            port = claim_port(ports)
+            print(f"[{name}] starting the Truss server on port {port} (log {work / 'server.log'})", flush=True)
+            server = truss_server_on(running, port, work, {**env, **extra})
             spec = LoadSpec(
                 predict_url=server.base_url + (args.predict_path or LOCAL_PREDICT_PATH),
                 prompt=prompts[0],
@@ -328,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench import gpu
 
         return gpu.main(sys.argv[1:] if argv is None else argv)
+    if args.compare:
+        return compare.main(args)
     levels = sorted(set(args.levels)) if args.levels else concurrency_levels(args.max_concurrency)
     if min(levels) < 1:
         raise SystemExit("concurrency levels must be >= 1")

@@ -130,34 +130,46 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(
-    workdir: Path, extra_env: dict[str, str] | None = None, ready_timeout_s: float = 180
+    workdir: Path, extra_env: dict[str, str] | None = None, ready_timeout_s: float = 180, port: int | None = None
 ) -> Iterator[RunningServer]:
-    """Start the server on a free port (log in ``workdir/server.log``), wait until it is ready, stop it after."""
-    import httpx
-
-    port = free_port()
+    """Start the server on ``port`` (default: a free one; log in ``workdir/server.log``), wait until it is
+    ready, stop it after."""
+    port = port or free_port()
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         process = start_server(
             port, layout_dir=workdir / "layout", extra_env=extra_env, stdout=log, stderr=subprocess.STDOUT
         )
     server = RunningServer(f"http://127.0.0.1:{port}", log_path, process)
+    with serving(process, f"{server.base_url}/v1/models/model", log_path, "the Truss server", ready_timeout_s):
+        yield server
+
+
+@contextlib.contextmanager
+def serving(
+    process: subprocess.Popen[bytes], ready_url: str, log_path: Path, name: str, ready_timeout_s: float
+) -> Iterator[None]:
+    """Wait until ``ready_url`` answers 200 (ServerFailed, with the log's tail, if the process exits first
+    or the time runs out); on exit stop the process: SIGTERM, then SIGKILL after 20 s."""
+    import httpx
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-4000:]
+
     deadline = time.monotonic() + ready_timeout_s
     try:
         while True:
             if process.poll() is not None:
-                raise ServerFailed(f"the Truss server exited with {process.returncode}:\n{server.log()[-4000:]}")
+                raise ServerFailed(f"{name} exited with {process.returncode}:\n{log_tail()}")
             try:
-                if httpx.get(f"{server.base_url}/v1/models/model", timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise ServerFailed(
-                    f"the Truss server was not ready in {ready_timeout_s:.0f} s:\n{server.log()[-4000:]}"
-                )
+                raise ServerFailed(f"{name} was not ready in {ready_timeout_s:.0f} s:\n{log_tail()}")
             time.sleep(0.5)
-        yield server
+        yield
     finally:
         process.terminate()
         try:
