@@ -356,10 +356,13 @@ class Comparison:
 
         with self.bar(count, f"{server} keystrokes") as bar:
             samples, wall = await closed_loop(send, 1, count, lambda _: bar.update(1))
-        # Every keystroke must generate the asked-for tokens; summarize counts one that does not as failed.
+        # A keystroke whose greedy completion ends (end-of-text) before the asked-for tokens is cheaper: it is
+        # left out of the latencies, and counted. Every server gets the same prompts, so the same ones end
+        # early on each (compare_report.checks holds the servers' counts against each other).
+        counts = [s.completion_tokens if s.ok else None for s in samples]
+        full = [s for s, n in zip(samples, counts) if n is None or n >= new_tokens]
         expected = self.warmups[f"{server} keystroke"].model_copy(update={"completion_tokens": new_tokens})
-        level = summarize(1, samples, wall, expected)
-        latencies = [s.latency_s for s in samples if s.ok and s.completion_tokens == new_tokens]
+        level = summarize(1, full, wall, expected)
         self.record(
             Measurement(
                 round=round_,
@@ -368,7 +371,9 @@ class Comparison:
                 streamed=False,
                 concurrency=1,
                 level=level,
-                latencies_s=latencies,
+                latencies_s=[s.latency_s for s in full if s.ok and s.completion_tokens == new_tokens],
+                ended_early=len(samples) - len(full),
+                token_counts=counts,
             )
         )
 
@@ -427,6 +432,7 @@ def main(args: argparse.Namespace) -> int:
     args.levels = args.levels or [1, 4, 16]
     started = time.monotonic()
     load_before = _loadavg()
+    machine = machine_info()  # the git state the servers are laid out from
     model_dir = build_tiny_model(DEFAULT_TINY_MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     try:
@@ -439,7 +445,7 @@ def main(args: argparse.Namespace) -> int:
     report = CompareReport(
         label=args.label or "peer-local-cpu",
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        machine={**machine_info(), "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": _loadavg()},
+        machine={**machine, "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": _loadavg()},
         wall_s=time.monotonic() - started,
         settings={
             "rounds": args.rounds,

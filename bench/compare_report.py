@@ -30,8 +30,11 @@ class Measurement(pydantic.BaseModel):
     level: LevelResult
     # Successful requests whose text differs from the server's own warm-up completion (token count equal).
     text_mismatches: int = 0
-    # keystroke only: every successful request's latency, so percentiles pool over rounds.
+    # keystroke only: every full-length request's latency, so percentiles pool over rounds; requests that
+    # ended (end-of-text) before the asked-for tokens, left out of the level; each request's token count.
     latencies_s: list[float] = pydantic.Field(default_factory=list)
+    ended_early: int = 0
+    token_counts: list[int | None] = pydantic.Field(default_factory=list)
 
 
 class Spread(pydantic.BaseModel):
@@ -66,6 +69,7 @@ class ServerFigure(pydantic.BaseModel):
     failures: int
     p50_s: Spread  # per-round p50
     pooled: Percentiles  # over every round's requests (keystroke) or None
+    ended_early: int = 0  # keystroke: requests left out, their completion ended before the asked-for tokens
 
 
 class CompareReport(pydantic.BaseModel):
@@ -149,6 +153,7 @@ def figures(
                 failures=sum(m.level.failures for m in mine),
                 p50_s=Spread.of(per_round),
                 pooled=Percentiles.of([x for m in mine for x in m.latencies_s]),
+                ended_early=sum(m.ended_early for m in mine),
             )
         )
     return rows
@@ -170,6 +175,10 @@ def checks(measurements: Sequence[Measurement]) -> list[str]:
                     f"{server} {test}: {mismatches} streamed texts differ from the non-streamed warm-up text "
                     "(token counts equal)"
                 )
+    for round_ in sorted({m.round for m in measurements}):
+        counts = {m.server: m.token_counts for m in _select(measurements, test="keystroke", round=round_)}
+        if len({tuple(c) for c in counts.values()}) > 1:
+            lines.append(f"round {round_}: the servers' keystroke token counts differ: {counts}")
     return lines
 
 
@@ -237,16 +246,17 @@ def markdown(report: CompareReport) -> str:
             (
                 f"Keystroke loop: 1 client, FIM prompt of {report.settings.get('keystroke_prompt_tokens')} tokens growing by "
                 f"3 characters a request, {report.settings.get('keystroke_new_tokens')} new tokens, not streamed; "
-                "latency pooled over rounds, and the per-round p50 (min–max)."
+                "latency pooled over rounds, and the per-round p50 (min–max). Requests whose completion ended "
+                "(end-of-text) before then are left out, on every server alike."
             ),
             "",
-            "| server | requests (failed) | p50 ms | p95 ms | per-round p50 ms |",
-            "|---|---:|---:|---:|---:|",
+            "| server | requests (failed) | ended early, left out | p50 ms | p95 ms | per-round p50 ms |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for row in report.keystroke:
             lines.append(
-                f"| {row.server} | {row.requests} ({row.failures}) | {_ms(row.pooled.p50)} | {_ms(row.pooled.p95)} "
-                f"| {_ms(row.p50_s.low)}–{_ms(row.p50_s.high)} |"
+                f"| {row.server} | {row.requests} ({row.failures}) | {row.ended_early} | {_ms(row.pooled.p50)} "
+                f"| {_ms(row.pooled.p95)} | {_ms(row.p50_s.low)}–{_ms(row.p50_s.high)} |"
             )
     if report.notes:
         lines += ["", *(f"- {note}" for note in report.notes)]

@@ -94,6 +94,8 @@ def test_report_ratios_spread_and_tables(tmp_path: Path) -> None:
                     concurrency=1,
                     level=_level(10.0),
                     latencies_s=[latency, latency * 2],
+                    ended_early=1,
+                    token_counts=[16, 16, 9 if server == "peer" and round_ == 2 else 10],
                 )
             )
     check = WarmupCheck(prompt_tokens=5, completion_tokens=3, finish_reason="length", latency_s=0.1, completion="abc")
@@ -122,7 +124,11 @@ def test_report_ratios_spread_and_tables(tmp_path: Path) -> None:
     keystroke = {f.server: f for f in report.keystroke}
     assert list(keystroke) == ["ours", "ours-noshare", "peer", "seed"]
     assert keystroke["ours-noshare"].pooled.p50 is not None and keystroke["ours-noshare"].pooled.p50 > 0.3
+    assert keystroke["peer"].ended_early == 3
     assert any(note.startswith("seed predict: 1 of 12 failed") for note in report.notes)
+    assert [note[:62] for note in report.notes if "token counts differ" in note] == [
+        "round 2: the servers' keystroke token counts differ: {'ours': "
+    ]
     table = markdown(report)
     assert "| /v1/completions | 1 | yes | 200 | 100 | 300 | 2.00× (1.00–3.00) | 1.00× (0.50–1.00) |" in table
     assert "| predict | 1 | yes | 50 | – | 50 | – | 1.00× (1.00–1.00) |" in table
