@@ -51,6 +51,9 @@ from bench import gpu
 from bench.loadgen import Percentiles, build_prompt
 from bench.stack_sampler import StackSampler, ThreadProfile
 
+# The shortest stretch of decoding the profile samples (seconds).
+PROFILE_MIN_S = 0.5
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = REPO_ROOT / "config.yaml"
 # The A100 / H100 80 GB cards' memory, which config.yaml's sizing assumes (81,920 MiB).
@@ -370,10 +373,15 @@ class Suite:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        tokens = min(64, self.args.new_tokens)
+        per_request = min(64, self.args.new_tokens)
+        tokens = 0
         with profile(activities=activities) as prof, StackSampler() as stacks:
             started = time.perf_counter()
-            self.run(gpu.engine_level(engine, self.prompts[:1], tokens, 1, 1))
+            # At least PROFILE_MIN_S of decoding, however fast one request is: a request of a few tokens on a small
+            # stand-in lasts a few sampling intervals, and a thread seen too few times is left out of the profile.
+            while tokens == 0 or time.perf_counter() - started < PROFILE_MIN_S:
+                self.run(gpu.engine_level(engine, self.prompts[:1], per_request, 1, 1))
+                tokens += per_request
             gpu.synchronize(self.args.device)
             wall = time.perf_counter() - started
         events = prof.key_averages()

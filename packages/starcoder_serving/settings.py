@@ -45,6 +45,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "STARCODER_CUDA_GRAPHS": "cuda_graphs",
     "STARCODER_COMPILE_LEVEL": "compile_level",
     "STARCODER_ASYNC_BATCHING": "async_batching",
+    "STARCODER_CPU_THREADS": "cpu_threads",
 }
 
 
@@ -93,6 +94,10 @@ class ServingSettings(pydantic.BaseModel):
     # then lags the device by a step, so requests that need their latest token on the host (n-gram and
     # multi-token bad-word bans, logprobs) are served by generate() instead (engine/path_choice.py).
     async_batching: bool = False
+    # A model on the CPU: torch's intra-op threads. None: one per core but one, which stays free for the HTTP
+    # event loop and the batch thread's own Python; a thread pool spread over every core stalls each
+    # operation whenever the server's other threads need a core (docs/benchmarks.md, "Per-token costs").
+    cpu_threads: int | None = pydantic.Field(None, ge=1)
     instruction_template_file: str = "instruction_template.json"
     # For tokenizers without a chat template of their own: the template file, and where its answers end
     # (where the model would begin the human's next turn).

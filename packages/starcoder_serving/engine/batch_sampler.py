@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -100,7 +100,10 @@ def banned_by_bad_words(tokens: Sequence[int], words: Iterable[tuple[int, ...]])
 @dataclasses.dataclass
 class _Features:
     """Which row operations some row of this step needs. Without CUDA graphs the others are skipped
-    (they are the identity for every row of the step); with graphs every operation always runs."""
+    (they are the identity for every row of the step); with graphs every operation always runs.
+
+    Each request's needs are worked out once, as bits (``bits_of``), when it takes its slot; a step ORs its
+    rows' bits, which costs one integer operation per row."""
 
     bias: bool = False
     repetition: bool = False
@@ -128,25 +131,38 @@ class _Features:
 
     @classmethod
     def everything(cls) -> _Features:
-        return cls(**{field.name: True for field in dataclasses.fields(cls)})
+        return cls(**{name: True for name in _FEATURE_NAMES})
 
-    def add(self, plan: GenerationPlan) -> None:
+    @classmethod
+    def from_bits(cls, bits: int) -> _Features:
+        return cls(**{name: bool(bits >> i & 1) for i, name in enumerate(_FEATURE_NAMES)})
+
+    @staticmethod
+    def bits_of(plan: GenerationPlan) -> int:
+        """The operations this request's rows need; 0 for plain greedy decoding (no operation at all)."""
         p = plan.sampling
-        self.bias |= bool(p.logit_bias)
-        self.repetition |= p.repetition_penalty != 1.0
-        self.additive |= bool(p.presence_penalty or p.frequency_penalty)
-        self.dynamic_bans |= p.has_dynamic_bans
-        self.min_new_tokens |= p.min_new_tokens > 0
-        self.decay |= p.exponential_decay_length_penalty is not None
-        self.banned |= bool(p.suppress_tokens) or any(len(w) == 1 for w in p.bad_words_ids)
-        self.begin_banned |= bool(p.begin_suppress_tokens)
-        self.logprobs |= p.logprobs is not None
+        needs = {
+            "bias": bool(p.logit_bias),
+            "repetition": p.repetition_penalty != 1.0,
+            "additive": bool(p.presence_penalty or p.frequency_penalty),
+            "dynamic_bans": p.has_dynamic_bans,
+            "min_new_tokens": p.min_new_tokens > 0,
+            "decay": p.exponential_decay_length_penalty is not None,
+            "banned": bool(p.suppress_tokens) or any(len(w) == 1 for w in p.bad_words_ids),
+            "begin_banned": bool(p.begin_suppress_tokens),
+            "logprobs": p.logprobs is not None,
+        }
         if not p.greedy:
-            self.sampled = True
-            self.sorted_warpers |= p.top_k > 0 or p.top_p < 1.0
-            self.min_p |= p.min_p > 0.0
-            self.typical |= p.typical_p < 1.0
-            self.cutoffs |= p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0
+            needs["sampled"] = True
+            needs["sorted_warpers"] = p.top_k > 0 or p.top_p < 1.0
+            needs["min_p"] = p.min_p > 0.0
+            needs["typical"] = p.typical_p < 1.0
+            needs["cutoffs"] = p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0
+        return sum(1 << i for i, name in enumerate(_FEATURE_NAMES) if needs.get(name))
+
+
+_FEATURE_NAMES = tuple(field.name for field in dataclasses.fields(_Features))
+_DYNAMIC_BANS = 1 << _FEATURE_NAMES.index("dynamic_bans")
 
 
 class _SlotTable:
@@ -163,11 +179,14 @@ class _SlotTable:
         with self._lock:
             self._released.append(request_id)
 
-    def collect(self, in_batch: set[str]) -> None:
+    def collect(self, in_batch: Callable[[], set[str]]) -> None:
+        if not self._released:  # the usual step: nothing ended since the last one
+            return
         with self._lock:
             released, self._released = self._released, []
+        in_batch_ids = in_batch()
         for request_id in released:
-            if request_id in in_batch:  # cancelled after this batch was scheduled: free it next step
+            if request_id in in_batch_ids:  # cancelled after this batch was scheduled: free it next step
                 self.release(request_id)
             elif (slot := self.of.pop(request_id, None)) is not None:
                 self._free.append(slot)
@@ -218,7 +237,10 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self.rejected: dict[str, ServingError] = {}
         self._slots = _SlotTable(self._spare)
         self._plans: dict[int, GenerationPlan] = {}
+        # Each slot's _Features bits (the spare slot's stay 0: padding and warm-up rows need nothing).
+        self._slot_bits = [0] * slots
         self._features = _Features.everything()
+        self._any_feature = True
 
         def rows(dtype: torch.dtype, fill: float | bool) -> torch.Tensor:
             return torch.full((slots,), fill, dtype=dtype, device=device)
@@ -267,45 +289,54 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
 
     def prepare_tensor_args(self, requests_with_new_token: list[BatchRequest]) -> torch.Tensor:
         states = [request.state for request in requests_with_new_token]
-        self._slots.collect({state.request_id for state in states})
-        features = _Features.everything() if self.static_graph else _Features()
+        self._slots.collect(lambda: {state.request_id for state in states})
+        bits = 0
         slots: list[int] = []
+        slot_of, slot_bits = self._slots.of, self._slot_bits
         for state in states:
-            plan: GenerationPlan | None = state.logit_processor_kwargs.get("plan")
-            if plan is None:
-                # transformers' warm-up rows (manager.warmup() capturing graphs) carry no request: like padding.
-                slots.append(self._spare)
-                continue
-            slot = self._slots.of.get(state.request_id)
+            slot = slot_of.get(state.request_id)
             if slot is None:
-                slot = self._slots.allocate(state.request_id)
-                if slot is None:
-                    self.rejected[state.request_id] = Overloaded(
-                        "The server is at capacity (no sampling slot was free); retry in a moment."
-                    )
-                    slots.append(self._spare)
-                    continue
-                try:
-                    self._start(slot, plan)
-                except Exception as error:
-                    logger.exception("request %s: its sampling parameters could not be set", state.request_id)
-                    self.rejected[state.request_id] = GenerationFailed(
-                        f"The sampling parameters could not be applied ({type(error).__name__}); check their values."
-                    )
-                    self._slots.release(state.request_id)
-                    slots.append(self._spare)
-                    continue
-            if not self.static_graph:
-                features.add(plan)
-            self._update_dynamic_bans(slot, plan, state)
+                slot = self._take_slot(state)
+            else:
+                if slot_bits[slot] & _DYNAMIC_BANS:
+                    self._update_dynamic_bans(slot, self._plans[slot], state)
+            bits |= slot_bits[slot]
             slots.append(slot)
-        self._features = features
+        self._features = _Features.everything() if self.static_graph else _Features.from_bits(bits)
+        self._any_feature = self.static_graph or bits != 0
         return torch.tensor(slots, dtype=torch.int32)
+
+    def _take_slot(self, state: Any) -> int:
+        """A slot for a request's first step, with its parameters written in; the spare slot for transformers'
+        warm-up rows (``manager.warmup()`` capturing graphs: they carry no request, like padding) and for a
+        request this sampler cannot serve (``rejected``)."""
+        plan: GenerationPlan | None = state.logit_processor_kwargs.get("plan")
+        if plan is None:
+            return self._spare
+        slot = self._slots.allocate(state.request_id)
+        if slot is None:
+            self.rejected[state.request_id] = Overloaded(
+                "The server is at capacity (no sampling slot was free); retry in a moment."
+            )
+            return self._spare
+        try:
+            self._start(slot, plan)
+        except Exception as error:
+            logger.exception("request %s: its sampling parameters could not be set", state.request_id)
+            self.rejected[state.request_id] = GenerationFailed(
+                f"The sampling parameters could not be applied ({type(error).__name__}); check their values."
+            )
+            self._slots.release(state.request_id)
+            return self._spare
+        if self._slot_bits[slot] & _DYNAMIC_BANS:
+            self._update_dynamic_bans(slot, plan, state)
+        return slot
 
     def _start(self, slot: int, plan: GenerationPlan) -> None:
         """Write a new request's parameters into its slot."""
         p = plan.sampling
         self._plans[slot] = plan
+        self._slot_bits[slot] = _Features.bits_of(plan)
         greedy = p.greedy
         self._greedy[slot] = greedy
         self._temperature[slot] = 1.0 if greedy else p.temperature
@@ -344,8 +375,6 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, state: Any) -> None:
         """N-gram and multi-token bad-word bans for the request's next token, from its whole sequence."""
         p = plan.sampling
-        if not p.has_dynamic_bans:
-            return
         # initial_tokens: the prompt, plus the tokens generated before the cache was offloaded, if it was.
         tokens = [*state.initial_tokens, *state.generated_tokens]
         banned = banned_by_ngrams(tokens, p.no_repeat_ngram_size) + banned_by_bad_words(tokens, p.bad_words_ids)
@@ -388,6 +417,9 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     # ---- the device side: one call per forward pass, rows = requests with a new token ----
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if not self._any_feature:
+            # Every row decodes plainly greedy: the manager's argmax of the model's logits is generate()'s choice.
+            return scores
         f = self._features
         slots = tensor_arg[: scores.size(0)].long()
         x = scores

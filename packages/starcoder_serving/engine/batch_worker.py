@@ -55,11 +55,17 @@ _CANCEL_POLL_SECONDS = 0.02
 
 
 class _Active:
-    __slots__ = ("deadline", "forwarded", "job")
+    __slots__ = ("deadline", "forwarded", "job", "logprobs", "quiet", "tokens", "wants_logprobs")
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.forwarded = 0
+        self.quiet = job.quiet
+        self.wants_logprobs = job.plan.top_logprobs is not None
+        self.forwarded = 0  # tokens already sent to the job
+        # A quiet job's tokens and logprob entries so far, sent when it ends (at its end token, its length, or
+        # its max_time, which the watcher thread enforces).
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         max_time = job.plan.sampling.max_time
         self.deadline = None if max_time is None else time.monotonic() + max_time
 
@@ -79,11 +85,16 @@ class _JobRouter(OutputRouter):
         self.deliver_batch([output])
 
     def deliver_batch(self, outputs: list[GenerationOutput]) -> None:
+        worker = self._worker
+        with worker._lock:  # once per step
+            found = [(output, worker._active.get(output.request_id)) for output in outputs]
+        logprobs = worker._step_logprobs(found)
         emissions: list[tuple[Job, Event]] = []
-        logprobs = self._worker._step_logprobs(outputs)
-        for output in outputs:
-            self._worker._on_output(output, emissions, logprobs)
-        emit_all(emissions)  # one wake-up of the event loop per step, not one per request
+        for output, active in found:
+            if active is not None:  # else cancelled already, or a late output
+                worker._on_output(output, active, emissions, logprobs)
+        if emissions:
+            emit_all(emissions)  # one wake-up of the event loop per step, not one per request
 
 
 class BatchedWorker:
@@ -233,31 +244,36 @@ class BatchedWorker:
         if active is None:
             return
         self.sampler.release(request_id)
+        events: list[Event] = [event]
+        if active.quiet and event.error is None and event.reason is not FinishReason.CANCELLED and active.tokens:
+            # Everything a quiet job produced, in one event before its end.
+            events.insert(0, TokenEvent(tuple(active.tokens), tuple(active.logprobs)))
         if emissions is None:
-            active.job.emit(event)
+            emit_all([(active.job, e) for e in events])
         else:
-            emissions.append((active.job, event))
+            emissions.extend((active.job, e) for e in events)
 
-    def _step_logprobs(self, outputs: list[GenerationOutput]) -> dict[str, TokenLogprob]:
+    def _step_logprobs(self, found: list[tuple[GenerationOutput, _Active | None]]) -> dict[str, TokenLogprob]:
         """This step's logprob entries of the requests that asked for them, by request id (one host copy)."""
         wanted: dict[str, int] = {}
-        with self._lock:
-            for output in outputs:
-                active = self._active.get(output.request_id)
+        for output, active in found:
+            if active is not None and active.wants_logprobs:
                 slot = self.sampler.slot_of(output.request_id)
-                if active is not None and slot is not None and active.job.plan.top_logprobs is not None:
+                if slot is not None:
                     wanted[output.request_id] = slot
+        if not wanted:
+            return {}
         by_slot = self.sampler.read_logprobs(list(wanted.values()))
         return {request_id: by_slot[slot] for request_id, slot in wanted.items()}
 
     def _on_output(
-        self, output: GenerationOutput, emissions: list[tuple[Job, Event]], logprobs: dict[str, TokenLogprob]
+        self,
+        output: GenerationOutput,
+        active: _Active,
+        emissions: list[tuple[Job, Event]],
+        logprobs: dict[str, TokenLogprob],
     ) -> None:
         """On the manager's thread, for each new token of a streaming request and at its end: queue its events."""
-        with self._lock:
-            active = self._active.get(output.request_id)
-        if active is None:  # cancelled already, or a late output
-            return
         job = active.job
         if output.error is not None:
             logger.error("job %d: batched generation failed: %s", job.id, output.error)
@@ -272,19 +288,30 @@ class BatchedWorker:
         if job.cancelled.is_set():
             self._cancel(output.request_id)
             return
-        rejected = self.sampler.rejected.pop(output.request_id, None)
-        if rejected is not None:
-            self._manager.cancel_request(output.request_id)
-            self._finish(output.request_id, DoneEvent(error=rejected), emissions)
-            return
+        if self.sampler.rejected:
+            rejected = self.sampler.rejected.pop(output.request_id, None)
+            if rejected is not None:
+                self._manager.cancel_request(output.request_id)
+                self._finish(output.request_id, DoneEvent(error=rejected), emissions)
+                return
         tokens = output.generated_tokens
         new = tokens[active.forwarded :]
-        entry = logprobs.get(output.request_id)
-        for i, token_id in enumerate(new):
-            # One step gives one token; its logprob entry belongs to the last one.
-            logprob = dataclasses.replace(entry, token_id=int(token_id)) if entry and i == len(new) - 1 else None
-            emissions.append((job, TokenEvent(int(token_id), logprob)))
-        active.forwarded = max(active.forwarded, len(tokens))
+        if new:
+            active.forwarded = len(tokens)
+            # One step gives one token (its logprob entry is this step's); should it give more, the earlier ones
+            # go without logprobs, so that an event's entries always match its tokens one for one.
+            entry = logprobs.get(output.request_id)
+            last = dataclasses.replace(entry, token_id=int(new[-1])) if entry is not None else None
+            if active.quiet:
+                active.tokens = tokens
+                if last is not None:
+                    active.logprobs.append(last)
+            elif last is None:
+                emissions.append((job, TokenEvent(tuple(new))))
+            else:
+                if len(new) > 1:
+                    emissions.append((job, TokenEvent(tuple(new[:-1]))))
+                emissions.append((job, TokenEvent((last.token_id,), (last,))))
         if output.is_finished():
             ended = bool(tokens) and tokens[-1] in self._eos_token_ids
             slot = self.sampler.slot_of(output.request_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -114,12 +115,15 @@ class Engine:
             attn_implementation=settings.attn_implementation,
             device_map=settings.device,
         ).eval()
+        if model.device.type == "cpu":
+            torch.set_num_threads(settings.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
         logger.info(
-            "loaded %s (%s, %s, %s attention) in %.1f s",
+            "loaded %s (%s, %s, %s attention%s) in %.1f s",
             checkpoint,
             model.dtype,
             model.device,
             settings.attn_implementation,
+            f", {torch.get_num_threads()} threads" if model.device.type == "cpu" else "",
             time.perf_counter() - started,
         )
         return cls(model, tokenizer, settings, data_dir)
@@ -246,12 +250,13 @@ class Engine:
         if self._admitted + requests > self.settings.max_queued_requests:
             raise Overloaded(f"The server is at capacity ({self._admitted} requests in progress); retry in a moment.")
 
-    def _admit(self, plan: GenerationPlan) -> Job:
+    def _admit(self, plan: GenerationPlan, quiet: bool) -> Job:
         self.check_capacity()
         route = self.route(plan)
         self._admitted += 1
         self.routed[route.path] += 1
-        job = Job(plan, asyncio.get_running_loop(), path=route.path.value)
+        # A stop sequence is found in the text as it comes, so a job with stop sequences is never quiet.
+        job = Job(plan, asyncio.get_running_loop(), path=route.path.value, quiet=quiet and not plan.stop)
         if route.path is GenerationPath.BATCHED:
             self._batched.submit(job)
         else:
@@ -274,14 +279,15 @@ class Engine:
         return self._admitted
 
     async def stream(
-        self, plan: GenerationPlan, on_complete: CompletionCallback | None = None
+        self, plan: GenerationPlan, on_complete: CompletionCallback | None = None, *, quiet: bool = False
     ) -> AsyncIterator[TextDelta]:
         """Yield text as it is produced. Closing the iterator cancels the generation.
 
         Tokens that arrived while the consumer was busy are yielded as one delta: under load this
         cuts the per-chunk cost (HTTP writes, SSE events) without delaying anything when idle.
+        ``quiet``: the caller only wants the end (``complete``); the text may then come in one delta.
         """
-        job = self._admit(plan)
+        job = self._admit(plan, quiet)
         text = TextAssembler(self.tokenizer, plan.stop)
         started = time.perf_counter()
         try:
@@ -325,7 +331,7 @@ class Engine:
 
     async def complete(self, plan: GenerationPlan) -> Completion:
         result: list[Completion] = []
-        async for _ in self.stream(plan, on_complete=result.append):
+        async for _ in self.stream(plan, on_complete=result.append, quiet=True):
             pass
         return result[0]
 

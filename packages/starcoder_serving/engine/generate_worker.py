@@ -164,7 +164,8 @@ class _TokenForwarder(BaseStreamer):
     def _forward(self, token_id: int) -> None:
         self.count += 1
         self.last_token = token_id
-        self._job.emit(TokenEvent(token_id, self._logprob(token_id)))
+        logprob = self._logprob(token_id)
+        self._job.emit(TokenEvent((token_id,), () if logprob is None else (logprob,)))
 
     def _logprob(self, token_id: int) -> TokenLogprob | None:
         if self._recorder is None or self._recorder.last is None:

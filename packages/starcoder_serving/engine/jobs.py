@@ -55,10 +55,13 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TokenEvent:
-    token_id: int
-    logprob: TokenLogprob | None = None
+    """New tokens of one sequence, in order: those of one step while a job streams, every token at once at the
+    end of a quiet job. ``logprobs`` has one entry per token when the plan asked for logprobs, else none."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +78,16 @@ _job_ids = itertools.count(1)
 class Job:
     """One generation: the worker thread writes events, the event loop reads them."""
 
-    def __init__(self, plan: GenerationPlan, loop: asyncio.AbstractEventLoop, path: str = "generate") -> None:
+    def __init__(
+        self, plan: GenerationPlan, loop: asyncio.AbstractEventLoop, path: str = "generate", *, quiet: bool = False
+    ) -> None:
         self.id = next(_job_ids)
         self.plan = plan
         self.path = path  # which worker serves it, for the logs
+        # Nobody reads the text before the end (a non-streamed request without stop sequences): a worker may hold
+        # the tokens back and send them in one event with the DoneEvent, sparing the event loop a wake-up, a
+        # detokenizer step and a queue hop per token.
+        self.quiet = quiet
         self.cancelled = threading.Event()
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()

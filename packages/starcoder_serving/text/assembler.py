@@ -54,17 +54,28 @@ class TextAssembler:
             tail = self._matcher.feed(self._detokenizer.flush())
             text = tail.emit if tail.stopped else tail.emit + self._matcher.flush()
             self.reason = FinishReason.STOP if tail.stopped else event.reason
+        elif not self._matcher.active:
+            # No stop sequence to find: every token belongs to the completion, decoded together.
+            self._take(event.token_ids, event.logprobs)
+            text = self._detokenizer.push_many(event.token_ids)
         else:
-            self.completion_tokens += 1
-            if event.logprob is not None:
-                self._pending_logprobs.append(event.logprob)
-                self._all_logprobs.append(event.logprob)
-            scan = self._matcher.feed(self._detokenizer.push(event.token_id))
-            text = scan.emit
-            if scan.stopped:
-                self.reason = FinishReason.STOP
+            # Token by token: the completion (its tokens and logprobs too) ends at the token that completes a stop.
+            pieces = []
+            for i, token_id in enumerate(event.token_ids):
+                self._take(event.token_ids[i : i + 1], event.logprobs[i : i + 1])
+                scan = self._matcher.feed(self._detokenizer.push(token_id))
+                pieces.append(scan.emit)
+                if scan.stopped:
+                    self.reason = FinishReason.STOP
+                    break
+            text = "".join(pieces)
         self._parts.append(text)
         return text
+
+    def _take(self, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...]) -> None:
+        self.completion_tokens += len(token_ids)
+        self._pending_logprobs.extend(logprobs)
+        self._all_logprobs.extend(logprobs)
 
     def take_pending_logprobs(self) -> tuple[TokenLogprob, ...]:
         pending, self._pending_logprobs = tuple(self._pending_logprobs), []

@@ -8,6 +8,7 @@ token: one decode of a window of a few tokens, not of the whole completion.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -29,7 +30,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly empty)."""
-        self._ids.append(token_id)
+        return self.push_many((token_id,))
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add tokens; return the newly completed text (possibly empty). Two decodes however many tokens came."""
+        self._ids.extend(token_ids)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHARACTER):

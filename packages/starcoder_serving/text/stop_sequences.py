@@ -20,6 +20,11 @@ class StopSequenceMatcher:
         self._stops = tuple(s for s in stop_sequences if s)
         self._held = ""
 
+    @property
+    def active(self) -> bool:
+        """Whether there is any stop sequence to look for."""
+        return bool(self._stops)
+
     def feed(self, text: str) -> StopScan:
         if not self._stops:
             return StopScan(text, False)
