@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from starcoder_serving.engine.engine import CLIENT_POLL_SECONDS
 from starcoder_serving.errors import InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
@@ -16,7 +17,7 @@ T = TypeVar("T")
 # 8192 tokens of code are ~30-60 KB of text; 1 MiB leaves room for odd text and long message lists while
 # bounding the work (tokenizing 1 MiB takes ~0.7 s of CPU) anyone can ask of the server with one request.
 MAX_BODY_BYTES = 1024 * 1024
-DISCONNECT_POLL_SECONDS = 0.05
+DISCONNECT_POLL_SECONDS = CLIENT_POLL_SECONDS
 
 
 class DisconnectAware(Protocol):

@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
+from starcoder_serving.api.http_body import read_json_object, unless_disconnected
 from starcoder_serving.api.openai_schema import (
     FINISH_REASONS,
     SamplingRequest,
@@ -362,21 +362,18 @@ class OpenAIService:
     async def _events(self, request: Request, job: PlannedRequest) -> AsyncIterator[bytes]:
         """Server-sent events: all choices generate at once (so they share the batch) and their chunks
         interleave, each carrying its choice's index; then usage, then [DONE]."""
-        events: asyncio.Queue[bytes | _ChoiceEnd] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._choice_events(request, job, choice, events)) for choice in job.choices]
-        completion_tokens, running = 0, len(tasks)
+        completion_tokens = 0
         try:
-            while running:
-                event = await events.get()
-                if isinstance(event, bytes):
-                    yield event
-                    continue
-                if event.error is not None:
-                    raise event.error
-                if event.completion is None:  # the client went away: generation is cancelled, nobody reads on
-                    return
-                running -= 1
-                completion_tokens += event.completion.completion_tokens
+            async with contextlib.aclosing(self._all_choice_events(request, job)) as events:
+                async for event in events:
+                    if isinstance(event, bytes):
+                        yield event
+                        continue
+                    if event.error is not None:
+                        raise event.error
+                    if event.completion is None:  # the client went away: generation is cancelled, nobody reads on
+                        return
+                    completion_tokens += event.completion.completion_tokens
             if job.include_usage:
                 yield _sse({**job.envelope(streamed=True), "choices": [], "usage": job.usage(completion_tokens)})
             yield SSE_DONE
@@ -384,43 +381,70 @@ class OpenAIService:
             # Headers are sent: say it as an error event, which OpenAI's clients raise as APIError.
             logger.warning("stream ended by error: %s", error.message)
             yield _sse(error_body(error.message, error.error_type, error.param))
+
+    async def _all_choice_events(self, request: Request, job: PlannedRequest) -> AsyncIterator[bytes | _ChoiceEnd]:
+        """Every choice's events. One choice (the usual request) is read directly; several run as tasks that
+        share a queue, so their chunks interleave as they are produced. Stops at a choice's error or a
+        client that left (the other choices are cancelled)."""
+        if len(job.choices) == 1:
+            async with contextlib.aclosing(self._choice_events(request, job, job.choices[0])) as events:
+                async for event in events:
+                    yield event
+            return
+        queue: asyncio.Queue[bytes | _ChoiceEnd | None] = asyncio.Queue()
+
+        async def pump(choice: ChoicePlan) -> None:
+            async with contextlib.aclosing(self._choice_events(request, job, choice)) as events:
+                async for event in events:
+                    queue.put_nowait(event)
+
+        tasks = [asyncio.create_task(pump(choice)) for choice in job.choices]
+        running = len(tasks)
+        try:
+            while running:
+                event = await queue.get()
+                yield event
+                if isinstance(event, _ChoiceEnd):
+                    if event.error is not None or event.completion is None:
+                        return
+                    running -= 1
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _choice_events(
-        self, request: Request, job: PlannedRequest, choice: ChoicePlan, events: asyncio.Queue[bytes | _ChoiceEnd]
-    ) -> None:
-        """One choice's chunks into ``events``, ending with a ``_ChoiceEnd``."""
+        self, request: Request, job: PlannedRequest, choice: ChoicePlan
+    ) -> AsyncIterator[bytes | _ChoiceEnd]:
+        """One choice's chunks, ending with a ``_ChoiceEnd``."""
         finished: list[Completion] = []
         legacy = LegacyLogprobs(self.texts, len(choice.echo))
         assert choice.plan is not None, "prompt-only scoring is refused for streams"
         wants_logprobs = choice.plan.top_logprobs is not None
         try:
             if job.chat:
-                events.put_nowait(self._chunk(job, choice.index, {"role": "assistant", "content": ""}))
+                yield self._chunk(job, choice.index, {"role": "assistant", "content": ""})
             elif choice.echo:
-                events.put_nowait(self._chunk(job, choice.index, choice.echo))
-            stream = self.engine.stream(choice.plan, on_complete=finished.append)
-            async with contextlib.aclosing(until_disconnected(request, stream)) as deltas:
-                async for delta in deltas:
-                    logprobs: dict[str, Any] | None = None
-                    if wants_logprobs:
-                        logprobs = (
-                            chat_logprobs(self.texts, delta.token_logprobs)
-                            if job.chat
-                            else legacy.render(delta.token_logprobs)
-                        )
-                    content: Any = {"content": delta.text} if job.chat else delta.text
-                    events.put_nowait(self._chunk(job, choice.index, content, logprobs=logprobs))
+                yield self._chunk(job, choice.index, choice.echo)
+            async for delta in self.engine.stream(
+                choice.plan, on_complete=finished.append, client_gone=request.is_disconnected
+            ):
+                logprobs: dict[str, Any] | None = None
+                if wants_logprobs:
+                    logprobs = (
+                        chat_logprobs(self.texts, delta.token_logprobs)
+                        if job.chat
+                        else legacy.render(delta.token_logprobs)
+                    )
+                content: Any = {"content": delta.text} if job.chat else delta.text
+                yield self._chunk(job, choice.index, content, logprobs=logprobs)
         except ServingError as error:
-            events.put_nowait(_ChoiceEnd(error=error))
+            yield _ChoiceEnd(error=error)
             return
         if finished:
             reason = FINISH_REASONS[finished[0].finish_reason.value]
-            events.put_nowait(self._chunk(job, choice.index, {} if job.chat else "", finish_reason=reason))
-        events.put_nowait(_ChoiceEnd(completion=finished[0] if finished else None))
+            yield self._chunk(job, choice.index, {} if job.chat else "", finish_reason=reason)
+        yield _ChoiceEnd(completion=finished[0] if finished else None)
 
     @staticmethod
     def _chunk(

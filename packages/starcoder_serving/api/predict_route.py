@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starcoder_serving.api import envelope
 from starcoder_serving.api.field_errors import STOP_SHAPE, describe_validation_error
 from starcoder_serving.api.generation_params import PYTHON_ONLY_PARAMETERS
-from starcoder_serving.api.http_body import read_json_object, unless_disconnected, until_disconnected
+from starcoder_serving.api.http_body import read_json_object, unless_disconnected
 from starcoder_serving.api.predict_schema import PredictRequest
 from starcoder_serving.api.tgi_route import TgiService
 from starcoder_serving.engine.engine import Completion, Engine
@@ -92,7 +92,7 @@ class PredictService:
     async def _start_stream(self, request: Request, plan: GenerationPlan) -> StreamingResponse:
         """Wait for the first text before answering, so that a full queue or a failed prefill still gets
         a proper status code; after that, errors can only end the stream early."""
-        deltas = until_disconnected(request, self.engine.stream(plan))
+        deltas = self.engine.stream(plan, client_gone=request.is_disconnected)
         try:
             first = await anext(deltas)
         except StopAsyncIteration:  # nothing generated (immediate end of text) or the client left

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from starcoder_serving.api.field_errors import describe_validation_error
-from starcoder_serving.api.http_body import unless_disconnected, until_disconnected
+from starcoder_serving.api.http_body import unless_disconnected
 from starcoder_serving.api.openai_route import TokenTexts
 from starcoder_serving.api.tgi_schema import TgiRequest
 from starcoder_serving.engine.engine import Completion, Engine
@@ -153,8 +153,9 @@ class TgiService:
         entries: list[TokenLogprob] = []
         pending: dict[str, Any] | None = None
         try:
-            stream = self.engine.stream(plan, on_complete=finished.append)
-            async for delta in until_disconnected(request, stream):
+            async for delta in self.engine.stream(
+                plan, on_complete=finished.append, client_gone=request.is_disconnected
+            ):
                 last = len(delta.token_logprobs) - 1
                 for i, entry in enumerate(delta.token_logprobs):
                     if pending is not None:

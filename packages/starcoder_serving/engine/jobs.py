@@ -106,6 +106,12 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def abandon(self) -> None:
+        """On the event loop: the consumer left. Cancel the generation and wake the reader at once, which ends
+        its stream without a completion (a worker ends a cancelled job the same way, a step later)."""
+        self.cancelled.set()
+        self._events.put_nowait(DoneEvent(FinishReason.CANCELLED))
+
 
 def _deliver(emissions: list[tuple[Job, Event]]) -> None:
     for job, event in emissions:
