@@ -193,7 +193,9 @@ def main() -> None:
     """`make serve`: start the server and pass every stop signal on to it; never leave it running."""
     die_with_parent()
     port = int(os.environ.get("PORT", "8080"))
-    process = start_server(port, preexec_fn=die_with_parent)
+    # A layout per port: two `make serve` on two ports do not build into (and delete) each other's files.
+    layout_dir = DEFAULT_LAYOUT_DIR if port == 8080 else DEFAULT_LAYOUT_DIR.with_name(f"truss-server-{port}")
+    process = start_server(port, layout_dir=layout_dir, preexec_fn=die_with_parent)
 
     def stop(signum: int, frame: object) -> None:
         # Only signal here: the main thread's wait() below returns once the server has shut down

@@ -46,6 +46,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "STARCODER_COMPILE_LEVEL": "compile_level",
     "STARCODER_ASYNC_BATCHING": "async_batching",
     "STARCODER_CPU_THREADS": "cpu_threads",
+    "STARCODER_STREAM_INTERVAL_MS": "stream_interval_ms",
 }
 
 
@@ -98,6 +99,11 @@ class ServingSettings(pydantic.BaseModel):
     # event loop and the batch thread's own Python; a thread pool spread over every core stalls each
     # operation whenever the server's other threads need a core (docs/benchmarks.md, "Per-token costs").
     cpu_threads: int | None = pydantic.Field(None, ge=1)
+    # A stream's tokens reach the HTTP side at most this often (a request's first token and its end at once):
+    # each hand-over from the batch thread costs the batch about 0.25 ms of GIL traffic on a small CPU, so
+    # steps faster than this are delivered a few at a time. Steps slower than this (StarCoder-15.5B on a GPU)
+    # are never held. 0: every step at once (engine/jobs.py, PacedDelivery).
+    stream_interval_ms: float = pydantic.Field(4.0, ge=0.0, le=100.0)
     instruction_template_file: str = "instruction_template.json"
     # For tokenizers without a chat template of their own: the template file, and where its answers end
     # (where the model would begin the human's next turn).

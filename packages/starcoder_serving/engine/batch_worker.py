@@ -42,7 +42,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from starcoder_serving.engine import transformers_compat as compat
 from starcoder_serving.engine.batch_sampler import BatchSampler
-from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, Job, TokenEvent, TokenLogprob, emit_all
+from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, Job, PacedDelivery, TokenEvent, TokenLogprob
 from starcoder_serving.engine.transformers_compat import GenerationOutput, OutputRouter
 from starcoder_serving.errors import GenerationFailed, InvalidRequest, Overloaded
 
@@ -90,11 +90,13 @@ class _JobRouter(OutputRouter):
             found = [(output, worker._active.get(output.request_id)) for output in outputs]
         logprobs = worker._step_logprobs(found)
         emissions: list[tuple[Job, Event]] = []
+        urgent = False
         for output, active in found:
             if active is not None:  # else cancelled already, or a late output
-                worker._on_output(output, active, emissions, logprobs)
+                urgent |= worker._on_output(output, active, emissions, logprobs)
         if emissions:
-            emit_all(emissions)  # one wake-up of the event loop per step, not one per request
+            # At most one wake-up of the event loop per step, not one per request; fewer when steps are fast.
+            worker._delivery.emit(emissions, urgent=urgent)
 
 
 class BatchedWorker:
@@ -114,6 +116,7 @@ class BatchedWorker:
         cuda_graphs: tuple[bool, bool] | None = (False, False),
         compile_level: int = 0,
         async_batching: bool = False,
+        stream_interval_s: float = 0.0,
     ) -> None:
         # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
         self._eos_token_ids = sorted(eos_token_ids)
@@ -153,6 +156,7 @@ class BatchedWorker:
             )
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
+        self._delivery = PacedDelivery(stream_interval_s)
         self.sampler = BatchSampler(
             vocab_size=vocab_size,
             max_requests=max_requests,
@@ -249,7 +253,7 @@ class BatchedWorker:
             # Everything a quiet job produced, in one event before its end.
             events.insert(0, TokenEvent(tuple(active.tokens), tuple(active.logprobs)))
         if emissions is None:
-            emit_all([(active.job, e) for e in events])
+            self._delivery.emit([(active.job, e) for e in events], urgent=True)
         else:
             emissions.extend((active.job, e) for e in events)
 
@@ -272,8 +276,9 @@ class BatchedWorker:
         active: _Active,
         emissions: list[tuple[Job, Event]],
         logprobs: dict[str, TokenLogprob],
-    ) -> None:
-        """On the manager's thread, for each new token of a streaming request and at its end: queue its events."""
+    ) -> bool:
+        """On the manager's thread, for each new token of a streaming request and at its end: queue its events.
+        True when they should reach the client without waiting: the request's first token, or its end."""
         job = active.job
         if output.error is not None:
             logger.error("job %d: batched generation failed: %s", job.id, output.error)
@@ -284,18 +289,19 @@ class BatchedWorker:
             else:
                 error = GenerationFailed("Generation failed. Retry the request.")
             self._finish(output.request_id, DoneEvent(error=error), emissions)
-            return
+            return True
         if job.cancelled.is_set():
             self._cancel(output.request_id)
-            return
+            return False
         if self.sampler.rejected:
             rejected = self.sampler.rejected.pop(output.request_id, None)
             if rejected is not None:
                 self._manager.cancel_request(output.request_id)
                 self._finish(output.request_id, DoneEvent(error=rejected), emissions)
-                return
+                return True
         tokens = output.generated_tokens
         new = tokens[active.forwarded :]
+        first = active.forwarded == 0
         if new:
             active.forwarded = len(tokens)
             # One step gives one token (its logprob entry is this step's); should it give more, the earlier ones
@@ -321,6 +327,8 @@ class BatchedWorker:
             else:
                 event = DoneEvent(FinishReason.EOS if ended else FinishReason.LENGTH)
             self._finish(output.request_id, event, emissions)
+            return True
+        return first and bool(new)
 
     def _cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self._manager.cancel_request(request_id)  # frees its pages at the next step
@@ -330,6 +338,7 @@ class BatchedWorker:
         """Cancels requests whose client left (including ones still waiting for a batch slot), and ends
         those past their ``max_time`` (finish reason "length", as generate()'s MaxTimeCriteria)."""
         while not self._stopping.wait(_CANCEL_POLL_SECONDS):
+            self._delivery.flush_due()  # tokens held back while no step came to deliver them
             now = time.monotonic()
             with self._lock:
                 cancelled = [rid for rid, active in self._active.items() if active.job.cancelled.is_set()]

@@ -108,6 +108,7 @@ class Engine:
             cuda_graphs=settings.graph_paths,
             compile_level=settings.compile_level,
             async_batching=self.async_batching,
+            stream_interval_s=settings.stream_interval_ms / 1000,
         )
 
     @classmethod

@@ -8,7 +8,8 @@ token: one decode of a window of a few tokens, not of the whole completion.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -18,15 +19,30 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+def plain_decoder(tokenizer: Decoder) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, as directly as the tokenizer allows.
+
+    A fast tokenizer's decode is its Rust backend's plus an optional clean-up of spaces, which transformers
+    skips for BPE vocabularies (StarCoder's: the clean-up corrupts code). Where no clean-up applies, the
+    backend is called directly: the same text (tests/test_text_assembly.py holds them equal) without the
+    wrapper's argument conversion, which costs more than the decode itself on every streamed token.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cleans_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", True))
+    if cleans_up and backend is not None and type(backend.model).__name__ == "BPE":
+        forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True)
+        cleans_up = bool(forced)
+    if backend is None or cleans_up:
+        return functools.partial(tokenizer.decode, skip_special_tokens=True)
+    return functools.partial(backend.decode, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder) -> None:
-        self._tokenizer = tokenizer
+        self._decode = plain_decoder(tokenizer)
         self._ids: list[int] = []
         self._prefix_offset = 0  # start of the context window decoded for each new token
         self._read_offset = 0  # tokens before this are already emitted as text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly empty)."""
