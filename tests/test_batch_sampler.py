@@ -429,3 +429,20 @@ def test_a_row_with_no_token_left_ends_alone_and_is_marked_faulted() -> None:
     assert batch.faulted(batch.slot_of("doomed"))  # type: ignore[arg-type]
     assert not batch.faulted(batch.slot_of("fine"))  # type: ignore[arg-type]
     assert torch.allclose(out[1], transformers_row(fine.plan, fine.tokens, scores[1]))
+
+
+def test_a_step_of_plain_greedy_rows_leaves_the_logits_untouched() -> None:
+    """Plain greedy rows need no operation: the manager's argmax of the model's own logits is generate()'s
+    choice. A step that also holds a row with parameters processes every row; the plain ones still come out
+    unchanged (every operation is the identity for them), and their slots' step counters never drift."""
+    batch = sampler()
+    plain = [Row(f"plain-{i}", make_plan([1, 2, 3])) for i in range(3)]
+    scores = torch.randn((3, VOCAB))
+    assert batch(scores, batch.prepare_tensor_args([row.request for row in plain])) is scores
+
+    penalised = Row("penalised", make_plan([1, 2], repetition_penalty=1.5, seed=1))
+    rows = [*plain, penalised]
+    scores = torch.randn((4, VOCAB))
+    out = batch(scores.clone(), batch.prepare_tensor_args([row.request for row in rows]))
+    assert torch.equal(out[:3], scores[:3])
+    assert not torch.equal(out[3], scores[3])

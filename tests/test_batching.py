@@ -13,7 +13,7 @@ from starcoder_serving.engine.jobs import FinishReason, GenerationPlan
 from starcoder_serving.engine.path_choice import Path as Route
 from starcoder_serving.engine.path_choice import choose_path
 from starcoder_serving.engine.sampling_params import SamplingParams
-from starcoder_serving.errors import Overloaded
+from starcoder_serving.errors import GenerationFailed, Overloaded
 from starcoder_serving.settings import ServingSettings
 
 from tests.conftest import DATA_DIR, tiny_settings
@@ -274,3 +274,39 @@ def test_a_fault_in_a_batch_step_is_reported_and_batching_recovers(tiny_model_di
     finally:
         model.forward = original
         engine.shutdown()
+
+
+def test_a_request_the_sampler_rejects_fails_at_once_even_unstreamed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-streamed request hears from the manager only at its end; one whose parameters the sampler could
+    not take (here: an injected fault) must still fail within a poll of the watcher, not at its end: before a
+    100-token neighbour that started with it finishes (unserved, it decodes plain greedy: 210 tokens here)."""
+    from starcoder_serving.engine.batch_sampler import BatchSampler
+
+    original = BatchSampler._start
+
+    def failing_start(self: BatchSampler, slot: int, plan: GenerationPlan) -> None:
+        if plan.sampling.max_new_tokens == 400:
+            raise RuntimeError("injected")
+        original(self, slot, plan)
+
+    monkeypatch.setattr(BatchSampler, "_start", failing_start)
+
+    async def run() -> list[str]:
+        order: list[str] = []
+
+        async def one(name: str, plan: GenerationPlan) -> None:
+            try:
+                await engine.complete(plan)
+                order.append(f"{name} done")
+            except GenerationFailed:
+                order.append(f"{name} failed")
+
+        doomed = _greedy(engine, "x = 1", max_new_tokens=400)
+        neighbour = _greedy(engine, "class A:", max_new_tokens=100, min_new_tokens=100)
+        await asyncio.gather(one("doomed", doomed), one("neighbour", neighbour))
+        return order
+
+    assert asyncio.run(run()) == ["doomed failed", "neighbour done"]
+    assert engine.requests_in_progress == 0

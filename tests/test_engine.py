@@ -286,3 +286,50 @@ def test_extreme_values_are_served_on_the_beam_search_path_too(engine: Engine, e
     assert engine.route(plan).path.value == "generate"
     result = asyncio.run(engine.complete(plan))
     assert 1 <= result.completion_tokens <= 8
+
+
+def test_a_non_streamed_request_gets_the_streamed_text_in_one_piece(engine: Engine) -> None:
+    """``complete`` runs quiet (no stop sequences): the batch sends its tokens in one event at the end."""
+    prompt_ids = engine.tokenize("def compute_fib(n):")
+
+    async def both() -> tuple[Completion, Completion, str, list[str]]:
+        plan = plan_one(engine, prompt_ids, max_new_tokens=24)
+        streamed: list[Completion] = []
+        pieces = [delta.text async for delta in engine.stream(plan, on_complete=streamed.append)]
+        quiet_pieces = [delta.text async for delta in engine.stream(plan, quiet=True)]
+        return await engine.complete(plan), streamed[0], "".join(pieces), quiet_pieces
+
+    quiet, streamed, joined, quiet_pieces = asyncio.run(both())
+    assert len(quiet_pieces) == 1, quiet_pieces  # one event, one delta
+    assert quiet == streamed and quiet.text == joined == quiet_pieces[0]
+    assert quiet.completion_tokens == 24
+
+
+def test_a_quiet_request_past_its_max_time_keeps_what_it_generated(engine: Engine) -> None:
+    completion = run(engine, "import os\n", max_new_tokens=2000, min_new_tokens=2000, max_time=0.3)
+    assert completion.finish_reason is FinishReason.LENGTH
+    assert 0 < completion.completion_tokens < 2000 and completion.text
+
+
+def test_a_stream_whose_client_left_ends_without_a_completion(engine: Engine) -> None:
+    """``client_gone`` is polled by one watcher per stream: the generation is cancelled and the stream ends,
+    even between two tokens."""
+    gone = asyncio.Event()
+
+    async def client_gone() -> bool:
+        return gone.is_set()
+
+    async def leave_mid_stream() -> tuple[int, list[Completion]]:
+        plan = plan_one(engine, engine.tokenize("import os\n"), max_new_tokens=2000, min_new_tokens=2000)
+        finished: list[Completion] = []
+        seen = 0
+        async for _delta in engine.stream(plan, on_complete=finished.append, client_gone=client_gone):
+            seen += 1
+            if seen == 3:
+                gone.set()
+        return seen, finished
+
+    seen, finished = asyncio.run(leave_mid_stream())
+    assert finished == [] and seen < 2000
+    assert engine.requests_in_progress == 0
+    assert run(engine, "hello", max_new_tokens=3).completion_tokens == 3

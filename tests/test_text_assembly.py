@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starcoder_serving.text.detokenizer import IncrementalDetokenizer
+from starcoder_serving.text.detokenizer import IncrementalDetokenizer, plain_decoder
 from starcoder_serving.text.stop_sequences import StopSequenceMatcher
 from transformers import AutoTokenizer
 
@@ -73,3 +75,39 @@ def test_pieces_concatenate_to_the_plain_decode(tiny_model_dir: Path, ids: list[
     detokenizer = IncrementalDetokenizer(tokenizer)
     pieces = [detokenizer.push(i) for i in ids] + [detokenizer.flush()]
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@settings(max_examples=50, deadline=None)
+@given(ids=st.lists(st.integers(min_value=0, max_value=600), max_size=40))
+def test_the_direct_decoder_is_the_tokenizers_decode(
+    tiny_model_dir: Path, tiny_starcoder2_dir: Path, ids: list[int]
+) -> None:
+    """The detokenizer calls the Rust backend directly where transformers does no clean-up of spaces (both tiny
+    vocabularies are BPE, as StarCoder's are): the text must be exactly transformers' decode."""
+    for directory in (tiny_model_dir, tiny_starcoder2_dir):
+        tokenizer = _tokenizer(directory)
+        assert plain_decoder(tokenizer)(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@functools.cache
+def _tokenizer(directory: Path) -> Any:
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert plain_decoder(tokenizer).func == tokenizer.backend_tokenizer.decode  # type: ignore[attr-defined]
+    tokenizer.clean_up_tokenization_spaces = True
+    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert plain_decoder(tokenizer).func == tokenizer.decode  # type: ignore[attr-defined]
+
+
+def test_many_tokens_at_once_give_the_text_of_one_at_a_time(tiny_model_dir: Path) -> None:
+    """A quiet request's tokens arrive in one event: the same text as pushed one by one, split characters too."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("naïve café — 日本語 🙂 ok\n    return x", add_special_tokens=False)["input_ids"]
+    one_by_one = IncrementalDetokenizer(tokenizer)
+    expected = "".join([one_by_one.push(i) for i in ids] + [one_by_one.flush()])
+    for split in (1, 3, len(ids) - 1):
+        at_once = IncrementalDetokenizer(tokenizer)
+        assert at_once.push_many(ids[:split]) + at_once.push_many(ids[split:]) + at_once.flush() == expected

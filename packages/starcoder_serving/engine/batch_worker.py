@@ -191,13 +191,16 @@ class BatchedWorker:
     def submit(self, job: Job) -> None:
         self._restart_if_crashed()
         request_id = f"job-{job.id}"
+        active = _Active(job)
         with self._lock:
-            self._active[request_id] = _Active(job)
+            self._active[request_id] = active
         added = self._manager.add_request(
             input_ids=job.plan.prompt_ids,
             request_id=request_id,
             max_new_tokens=job.plan.max_new_tokens,
-            streaming=True,
+            # A quiet job that needs nothing per step (logprobs are read each step; a max_time cut keeps the
+            # tokens so far) hears from the manager once, at its end: no output built and routed per step.
+            streaming=not active.quiet or active.wants_logprobs or active.deadline is not None,
             eos_token_id=self._eos_token_ids,
             plan=job.plan,  # BatchSampler reads the request's parameters from here
         )
@@ -335,8 +338,9 @@ class BatchedWorker:
         self._finish(request_id, DoneEvent(reason))
 
     def _reap_cancelled(self) -> None:
-        """Cancels requests whose client left (including ones still waiting for a batch slot), and ends
-        those past their ``max_time`` (finish reason "length", as generate()'s MaxTimeCriteria)."""
+        """Cancels requests whose client left (including ones still waiting for a batch slot), ends those past
+        their ``max_time`` (finish reason "length", as generate()'s MaxTimeCriteria), and fails those the
+        sampler rejected."""
         while not self._stopping.wait(_CANCEL_POLL_SECONDS):
             self._delivery.flush_due()  # tokens held back while no step came to deliver them
             now = time.monotonic()
@@ -349,6 +353,11 @@ class BatchedWorker:
                 self._cancel(request_id)
             for request_id in expired:
                 self._cancel(request_id, FinishReason.LENGTH)
+            # Requests the sampler could not take (a non-streaming one hears from the manager only at its end).
+            for request_id in list(self.sampler.rejected):
+                if (error := self.sampler.rejected.pop(request_id, None)) is not None:
+                    self._manager.cancel_request(request_id)
+                    self._finish(request_id, DoneEvent(error=error))
 
     # ---- sharing the model with generate() ----
 

@@ -175,11 +175,7 @@ class PacedDelivery:
         with self._lock:
             for emission in emissions:
                 self._held.setdefault(emission[0]._loop, []).append(emission)
-            due = [
-                loop
-                for loop in self._held
-                if urgent or now - self._woken.get(loop, -math.inf) >= self._interval_s
-            ]
+            due = [loop for loop in self._held if urgent or now - self._woken.get(loop, -math.inf) >= self._interval_s]
             for loop in due:
                 self._woken[loop] = now
                 # Under the lock: two threads' deliveries reach a loop in the order they were taken.
