@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from starcoder_serving.engine.engine import CLIENT_POLL_SECONDS
@@ -18,6 +18,20 @@ T = TypeVar("T")
 # bounding the work (tokenizing 1 MiB takes ~0.7 s of CPU) anyone can ask of the server with one request.
 MAX_BODY_BYTES = 1024 * 1024
 DISCONNECT_POLL_SECONDS = CLIENT_POLL_SECONDS
+
+
+# A body up to this size is planned (parsed, tokenized, checked) on the event loop: a fraction of a millisecond,
+# less than a hand-over to a thread costs the batch loop (a thread wake-up and GIL traffic). A larger one (a
+# long prompt: tokenizing 1 MiB takes ~0.7 s) is planned in a thread, so that other streams keep flowing.
+INLINE_PLANNING_BYTES = 2048
+
+
+async def plan_request(request: HasBody, planner: Callable[..., T], *args: Any) -> T:
+    """``planner(*args)``, inline for a small body (by its Content-Length), else in a worker thread."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) <= INLINE_PLANNING_BYTES:
+        return planner(*args)
+    return await asyncio.to_thread(planner, *args)
 
 
 class DisconnectAware(Protocol):
@@ -114,6 +128,8 @@ async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) 
     """
 
     async def wait_for_disconnect() -> None:
+        # The first look after one interval: truss has just checked, and each look costs a cancel scope.
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 

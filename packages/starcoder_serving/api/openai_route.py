@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from starcoder_serving.api.http_body import read_json_object, unless_disconnected
+from starcoder_serving.api.http_body import plan_request, read_json_object, unless_disconnected
 from starcoder_serving.api.openai_schema import (
     FINISH_REASONS,
     SamplingRequest,
@@ -221,8 +221,8 @@ class OpenAIService:
     ) -> Response:
         try:
             body = await read_json_object(request, example)
-            # Tokenizing long prompts takes a while: off the event loop, so other streams keep flowing.
-            job = await asyncio.to_thread(planner, body)
+            # Tokenizing a long prompt takes a while: it is planned off the event loop (http_body.plan_request).
+            job = await plan_request(request, planner, body)
             if job.stream:
                 # Refuse now, with a status code, what would otherwise only end the stream early.
                 self.engine.check_capacity(len(job.choices))

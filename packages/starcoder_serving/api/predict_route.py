@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from starcoder_serving.api import envelope
 from starcoder_serving.api.field_errors import STOP_SHAPE, describe_validation_error
 from starcoder_serving.api.generation_params import PYTHON_ONLY_PARAMETERS
-from starcoder_serving.api.http_body import read_json_object, unless_disconnected
+from starcoder_serving.api.http_body import plan_request, read_json_object, unless_disconnected
 from starcoder_serving.api.predict_schema import PredictRequest
 from starcoder_serving.api.tgi_route import TgiService
 from starcoder_serving.engine.engine import Completion, Engine
@@ -45,7 +44,7 @@ class PredictService:
             parsed = self.parse(body)
             rendered = self.render(parsed)
             # Tokenizing a long prompt takes a while: off the event loop, so other streams keep flowing.
-            plans = await asyncio.to_thread(self.plans, parsed, rendered)
+            plans = await plan_request(request, self.plans, parsed, rendered)
             if parsed.stream:
                 return await self._start_stream(request, plans[0])
             completions = await unless_disconnected(request, self.engine.complete_all(plans))

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from starcoder_serving.api.field_errors import describe_validation_error
-from starcoder_serving.api.http_body import unless_disconnected
+from starcoder_serving.api.http_body import plan_request, unless_disconnected
 from starcoder_serving.api.openai_route import TokenTexts
 from starcoder_serving.api.tgi_schema import TgiRequest
 from starcoder_serving.engine.engine import Completion, Engine
@@ -66,7 +65,7 @@ class TgiService:
     async def handle(self, request: Request, body: dict[str, Any]) -> Response:
         try:
             parsed = self.parse(body)
-            plan = await asyncio.to_thread(self.plan, parsed)
+            plan = await plan_request(request, self.plan, parsed)
             prefill = await self._prefill(parsed, plan)
             if parsed.stream:
                 self.engine.check_capacity()

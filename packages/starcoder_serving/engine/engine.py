@@ -39,6 +39,9 @@ CLIENT_POLL_SECONDS = 0.05
 
 
 async def _watch_client(client_gone: ClientGone, job: Job) -> None:
+    # The first look after one interval: the HTTP layer has just checked, and a look is not free (starlette's
+    # costs a cancel scope).
+    await asyncio.sleep(CLIENT_POLL_SECONDS)
     while not await client_gone():
         await asyncio.sleep(CLIENT_POLL_SECONDS)
     job.abandon()
