@@ -77,10 +77,11 @@ def server_environment(port: int, extra: dict[str, str] | None = None) -> dict[s
             env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
         env.setdefault("STARCODER_DTYPE", "float32")
         env.setdefault("STARCODER_DEVICE", "cpu")
-        # Prefill chunks of 512 tokens, not config.yaml's 2048 (sized for a GPU's paged flash attention): on a CPU
-        # the batch's SDPA attends through a materialised mask, so a 6,000-token cold prompt takes 400 ms in
-        # 2048-token chunks and 270 ms in 512-token ones (docs/benchmarks.md, "Long prompts").
-        env.setdefault("STARCODER_MAX_BATCH_TOKENS", "512")
+        # Prefill chunks of 1024 tokens, not config.yaml's 2048 (sized for a GPU's paged flash attention): on a CPU
+        # the batch's SDPA attends through a materialised mask. A cold 6,000-token prompt, 16 new tokens:
+        # 235 ms in 2048-token chunks, 193 ms in 1024, 206 ms in 512 (`python -m bench.per_token --long
+        # --max-batch-tokens N`; docs/benchmarks.md, "Per-token costs").
+        env.setdefault("STARCODER_MAX_BATCH_TOKENS", "1024")
     env.update(
         {
             "INFERENCE_SERVER_PORT": str(port),

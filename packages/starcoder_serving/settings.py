@@ -95,9 +95,10 @@ class ServingSettings(pydantic.BaseModel):
     # then lags the device by a step, so requests that need their latest token on the host (n-gram and
     # multi-token bad-word bans, logprobs) are served by generate() instead (engine/path_choice.py).
     async_batching: bool = False
-    # A model on the CPU: torch's intra-op threads. None: one per core but one, which stays free for the HTTP
-    # event loop and the batch thread's own Python; a thread pool spread over every core stalls each
-    # operation whenever the server's other threads need a core (docs/benchmarks.md, "Per-token costs").
+    # A model on the CPU: torch's threads for a forward pass of few tokens (a decode step). None: one per core
+    # but one, which stays free for the HTTP event loop; a pool spread over every core stalls each of a small
+    # step's tiny operations whenever another thread needs a core. Prefill chunks use every core
+    # (engine/cpu_threads.py; docs/benchmarks.md, "Per-token costs").
     cpu_threads: int | None = pydantic.Field(None, ge=1)
     # A stream's tokens reach the HTTP side at most this often (a request's first token and its end at once):
     # each hand-over from the batch thread costs the batch about 0.25 ms of GIL traffic on a small CPU, so

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from starcoder_serving.engine import transformers_compat
+from starcoder_serving.engine import cpu_threads, transformers_compat
 from starcoder_serving.engine.generate_worker import GenerateWorker
 from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenLogprob
 from starcoder_serving.engine.path_choice import Path as GenerationPath
@@ -131,14 +130,16 @@ class Engine:
             device_map=settings.device,
         ).eval()
         if model.device.type == "cpu":
-            torch.set_num_threads(settings.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1))
+            cpu_threads.install(model, settings.cpu_threads)
         logger.info(
             "loaded %s (%s, %s, %s attention%s) in %.1f s",
             checkpoint,
             model.dtype,
             model.device,
             settings.attn_implementation,
-            f", {torch.get_num_threads()} threads" if model.device.type == "cpu" else "",
+            f", {torch.get_num_threads()} threads for small steps, {cpu_threads.available_cores()} for large"
+            if model.device.type == "cpu"
+            else "",
             time.perf_counter() - started,
         )
         return cls(model, tokenizer, settings, data_dir)
