@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv serve test bench bench-peer eval tiny-model gpu-wheels clean
+.PHONY: venv serve test bench bench-peer bench-per-token eval tiny-model gpu-wheels clean
 
 # Rebuilt when the pins change. Truss's server needs its own requirements (as its Docker image
 # installs them), bounded by its constraints file; its `-i` line is dropped so pip's configured
@@ -41,6 +41,10 @@ bench: venv
 # "Peer comparison"); installs the peer into .cache/bench/peer-venv on first use. BENCH_ARGS="--quick": a fast check.
 bench-peer: venv
 	$(PY) -m bench.run --compare $(BENCH_ARGS)
+
+# The engine's per-token cost in process, against plain generate() and the bare manager (bench/per_token.py).
+bench-per-token: venv
+	$(PY) -m bench.per_token $(BENCH_ARGS)
 
 # HumanEval against a running server: `make serve` in another shell, or --base-url/--api-key for a deployment.
 eval: venv

@@ -19,6 +19,9 @@ public extension point) that serves everything ``SamplingParams`` holds except b
   noise to its warped logits, and argmax(logits + Gumbel) is a sample of softmax(logits). The noise
   is a counter-based hash of (seed, step, token id): a seeded request draws the same sample whatever
   else is in the batch, and nothing here touches torch's global RNG.
+* **Nothing for plain greedy.** Each request's operations are worked out once, when it takes its slot; a
+  step whose rows all decode plainly greedy (no penalty, ban, bias, minimum length or logprobs) returns the
+  model's logits untouched, and the manager's argmax is then ``generate()``'s own choice.
 * **Isolation.** Every operation is row-local. Non-finite values are cleaned in their own row
   (NaN -> -inf, +inf -> the largest float); a temperature below ``GREEDY_TEMPERATURE`` is greedy;
   a row left with no finite logit (every token banned) ends with an end token and its request is

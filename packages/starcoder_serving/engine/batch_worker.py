@@ -8,6 +8,12 @@ slowest sequence). Each request's sampling parameters are applied row by row by 
 (``batch_sampler.py``), installed as the manager's only logits processor; the manager itself runs
 greedy (argmax), which the sampler turns into sampling where a row asks for it.
 
+Per token, the worker does as little as the request needs: a quiet job (not streamed, no stop sequences) is not
+streamed by the manager either, and hears once, at its end (unless it wants logprobs or has a ``max_time``);
+a streamed job's tokens reach its event loop through ``PacedDelivery`` (``jobs.py``), at most one wake-up per
+``stream_interval_ms`` besides first tokens and ends, since each wake-up costs the batch thread more than the
+tokens it carries.
+
 Sharing the model with ``GenerateWorker`` (see ``engine.py``):
 
 * The manager is created with ``auto_switch_to_flash=False`` and the model's configured attention
