@@ -333,3 +333,15 @@ def test_a_stream_whose_client_left_ends_without_a_completion(engine: Engine) ->
     assert finished == [] and seen < 2000
     assert engine.requests_in_progress == 0
     assert run(engine, "hello", max_new_tokens=3).completion_tokens == 3
+
+
+def test_prompts_tokenize_on_many_threads_at_once(engine: Engine) -> None:
+    """Small requests are planned on the event loop while long ones are planned in threads: every thread
+    encodes with its own tokenizer, so none waits for another and none trips the Rust tokenizer's borrow check."""
+    import concurrent.futures
+
+    texts = [("def f(x):\n    return x\n" * (1 + 40 * (i % 3))) + str(i) for i in range(24)]
+    expected = [list(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(engine.tokenize, texts * 4))
+    assert got == expected * 4

@@ -391,7 +391,7 @@ class OpenAIService:
                 async for event in events:
                     yield event
             return
-        queue: asyncio.Queue[bytes | _ChoiceEnd | None] = asyncio.Queue()
+        queue: asyncio.Queue[bytes | _ChoiceEnd] = asyncio.Queue()
 
         async def pump(choice: ChoicePlan) -> None:
             async with contextlib.aclosing(self._choice_events(request, job, choice)) as events:

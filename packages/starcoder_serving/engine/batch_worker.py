@@ -337,7 +337,7 @@ class BatchedWorker:
                 event = DoneEvent(FinishReason.EOS if ended else FinishReason.LENGTH)
             self._finish(output.request_id, event, emissions)
             return True
-        return first and bool(new)
+        return first and bool(new) and not active.quiet  # a quiet job's first token goes nowhere yet
 
     def _cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self._manager.cancel_request(request_id)  # frees its pages at the next step

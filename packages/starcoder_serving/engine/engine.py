@@ -8,6 +8,7 @@ streamed and non-streamed requests and for both paths.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -78,7 +79,7 @@ class Engine:
         defaults.update({k: v for k, v in model.generation_config.to_dict().items() if v is not None})
         self._generation_defaults = SamplingParams.inheritable(defaults)
         self._admitted = 0
-        self._tokenize_lock = threading.Lock()
+        self._thread_tokenizers = threading.local()
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
 
     def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
@@ -156,10 +157,13 @@ class Engine:
         return self.profile.fim.render(prefix, suffix)
 
     def tokenize(self, text: str) -> list[int]:
-        # Requests are planned in worker threads (long prompts take a while); one encode at a time
-        # keeps the Rust tokenizer's borrow rules happy.
-        with self._tokenize_lock:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Requests are planned on the event loop (small ones) and in worker threads (long prompts). A Rust
+        # tokenizer may be borrowed mutably by one encode at a time, and a lock would make the event loop wait
+        # for a thread's long prompt: each thread encodes with its own copy instead.
+        tokenizer = getattr(self._thread_tokenizers, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._thread_tokenizers.tokenizer = copy.deepcopy(self.tokenizer)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def plan(self, prompt_ids: list[int], sampling: SamplingParams) -> list[GenerationPlan]:
         """One plan per sequence (``n`` of them), with every limit checked: what can be refused is refused
