@@ -9,7 +9,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from starcoder_serving.engine.engine import CLIENT_POLL_SECONDS
+from starcoder_serving.engine.engine import wait_until_gone
 from starcoder_serving.errors import InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
@@ -17,7 +17,6 @@ T = TypeVar("T")
 # 8192 tokens of code are ~30-60 KB of text; 1 MiB leaves room for odd text and long message lists while
 # bounding the work (tokenizing 1 MiB takes ~0.7 s of CPU) anyone can ask of the server with one request.
 MAX_BODY_BYTES = 1024 * 1024
-DISCONNECT_POLL_SECONDS = CLIENT_POLL_SECONDS
 
 
 # A body up to this size is planned (parsed, tokenized, checked) on the event loop: a fraction of a millisecond,
@@ -127,13 +126,7 @@ async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) 
     within one poll interval (plus one token).
     """
 
-    async def wait_for_disconnect() -> None:
-        # The first look after one interval: truss has just checked, and each look costs a cancel scope.
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-
-    watcher = asyncio.create_task(wait_for_disconnect())
+    watcher = asyncio.create_task(wait_until_gone(request.is_disconnected))
     next_item: asyncio.Future[T] | None = None
     try:
         while True:

@@ -43,7 +43,7 @@ class PredictService:
                 return await self.tgi.handle(request, body)
             parsed = self.parse(body)
             rendered = self.render(parsed)
-            # Tokenizing a long prompt takes a while: off the event loop, so other streams keep flowing.
+            # Tokenizing a long prompt takes a while: it is planned off the event loop (http_body.plan_request).
             plans = await plan_request(request, self.plans, parsed, rendered)
             if parsed.stream:
                 return await self._start_stream(request, plans[0])

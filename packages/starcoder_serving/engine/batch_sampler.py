@@ -37,6 +37,7 @@ true of synchronous batching (the only mode the engine enables).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -101,7 +102,7 @@ def banned_by_bad_words(tokens: Sequence[int], words: Iterable[tuple[int, ...]])
     return banned
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Features:
     """Which row operations some row of this step needs. Without CUDA graphs the others are skipped
     (they are the identity for every row of the step); with graphs every operation always runs.
@@ -135,10 +136,12 @@ class _Features:
 
     @classmethod
     def everything(cls) -> _Features:
-        return cls(**{name: True for name in _FEATURE_NAMES})
+        return cls.from_bits((1 << len(_FEATURE_NAMES)) - 1)
 
     @classmethod
+    @functools.cache
     def from_bits(cls, bits: int) -> _Features:
+        """One shared, never-modified instance per combination (a step's, built once, not every step)."""
         return cls(**{name: bool(bits >> i & 1) for i, name in enumerate(_FEATURE_NAMES)})
 
     @staticmethod
@@ -167,6 +170,7 @@ class _Features:
 
 _FEATURE_NAMES = tuple(field.name for field in dataclasses.fields(_Features))
 _DYNAMIC_BANS = 1 << _FEATURE_NAMES.index("dynamic_bans")
+_NOTHING = _Features.from_bits(0)  # the one instance a step of plain greedy rows gets
 
 
 class _SlotTable:
@@ -244,7 +248,6 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         # Each slot's _Features bits (the spare slot's stay 0: padding and warm-up rows need nothing).
         self._slot_bits = [0] * slots
         self._features = _Features.everything()
-        self._any_feature = True
 
         def rows(dtype: torch.dtype, fill: float | bool) -> torch.Tensor:
             return torch.full((slots,), fill, dtype=dtype, device=device)
@@ -301,13 +304,11 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             slot = slot_of.get(state.request_id)
             if slot is None:
                 slot = self._take_slot(state)
-            else:
-                if slot_bits[slot] & _DYNAMIC_BANS:
-                    self._update_dynamic_bans(slot, self._plans[slot], state)
+            if slot_bits[slot] & _DYNAMIC_BANS:
+                self._update_dynamic_bans(slot, self._plans[slot], state)
             bits |= slot_bits[slot]
             slots.append(slot)
         self._features = _Features.everything() if self.static_graph else _Features.from_bits(bits)
-        self._any_feature = self.static_graph or bits != 0
         return torch.tensor(slots, dtype=torch.int32)
 
     def _take_slot(self, state: Any) -> int:
@@ -332,8 +333,6 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             )
             self._slots.release(state.request_id)
             return self._spare
-        if self._slot_bits[slot] & _DYNAMIC_BANS:
-            self._update_dynamic_bans(slot, plan, state)
         return slot
 
     def _start(self, slot: int, plan: GenerationPlan) -> None:
@@ -421,7 +420,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     # ---- the device side: one call per forward pass, rows = requests with a new token ----
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        if not self._any_feature:
+        if self._features is _NOTHING:
             # Every row decodes plainly greedy: the manager's argmax of the model's logits is generate()'s choice.
             return scores
         f = self._features

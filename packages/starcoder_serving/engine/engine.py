@@ -28,7 +28,7 @@ from starcoder_serving.settings import ServingSettings
 from starcoder_serving.text.assembler import Completion, CompletionCallback, TextAssembler, TextDelta
 from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate, RenderedPrompt
 
-__all__ = ["CLIENT_POLL_SECONDS", "ClientGone", "Completion", "CompletionCallback", "Engine", "TextDelta"]
+__all__ = ["ClientGone", "Completion", "CompletionCallback", "Engine", "TextDelta", "wait_until_gone"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,16 @@ ClientGone = Callable[[], Awaitable[bool]]
 CLIENT_POLL_SECONDS = 0.05
 
 
-async def _watch_client(client_gone: ClientGone, job: Job) -> None:
-    # The first look after one interval: the HTTP layer has just checked, and a look is not free (starlette's
-    # costs a cancel scope).
+async def wait_until_gone(client_gone: ClientGone) -> None:
+    """Return once ``client_gone`` says so, asking every ``CLIENT_POLL_SECONDS``. The first look comes after one
+    interval: the HTTP layer (truss) has just looked, and a look is not free (starlette's costs a cancel scope)."""
     await asyncio.sleep(CLIENT_POLL_SECONDS)
     while not await client_gone():
         await asyncio.sleep(CLIENT_POLL_SECONDS)
+
+
+async def _abandon_when_gone(client_gone: ClientGone, job: Job) -> None:
+    await wait_until_gone(client_gone)
     job.abandon()
 
 
@@ -318,7 +322,7 @@ class Engine:
         job = self._admit(plan, quiet)
         text = TextAssembler(self.tokenizer, plan.stop)
         started = time.perf_counter()
-        watcher = None if client_gone is None else asyncio.create_task(_watch_client(client_gone, job))
+        watcher = None if client_gone is None else asyncio.create_task(_abandon_when_gone(client_gone, job))
         try:
             while text.reason is None:
                 parts: list[str] = []
