@@ -342,11 +342,13 @@ class Suite:
         from starcoder_serving.engine.sampling_params import SamplingParams
 
         fim_tokens = self.args.fim_tokens
+        fim = engine.profile.fim
+        assert fim is not None, "the StarCoder family's vocabularies have FIM tokens"
 
         def fim_prompt(variant: int) -> list[int]:
             prefix = build_prompt(self.tokenizer, fim_tokens * 7 // 8, variant=variant)
             suffix = build_prompt(self.tokenizer, fim_tokens // 8, variant=variant + 1)
-            return self.encode(engine.render_fim(prefix, suffix, "prefix").text)
+            return self.encode(fim.render(prefix, suffix).text)
 
         async def first_token(prompt_ids: list[int]) -> float:
             plan = engine.plan(prompt_ids, SamplingParams(max_new_tokens=2))[0]

@@ -8,8 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from starcoder_serving.api.openai_route import OpenAIService
-from starcoder_serving.api.predict_route import PredictService
+from starcoder_serving.api.routes import Routes
 from starcoder_serving.engine.engine import Engine
 from starcoder_serving.settings import ServingSettings
 from starlette.requests import Request
@@ -25,8 +24,7 @@ class Model:
         # Set by truss when config.yaml has a model_cache: the weights are fetched in the background.
         self._lazy_data_resolver = kwargs.get("lazy_data_resolver")
         self._engine: Engine | None = None
-        self._predict: PredictService | None = None
-        self._openai: OpenAIService | None = None
+        self._routes: Routes | None = None
 
     def _hf_token(self) -> str | None:
         """The Hugging Face token, or None (a local or public checkpoint needs none)."""
@@ -45,8 +43,7 @@ class Model:
         engine = Engine.load(settings, self._data_dir, hf_token=self._hf_token())
         engine.warm_up()  # before truss reports ready: the first user request pays no one-off costs
         self._engine = engine
-        self._predict = PredictService(engine)
-        self._openai = OpenAIService(engine)
+        self._routes = Routes(engine)
 
     def is_healthy(self) -> bool:
         """truss's health check (GET /v1/models/model answers 503 when False): Baseten restarts a replica
@@ -62,15 +59,15 @@ class Model:
     # Taking the raw request (not parsed inputs) lets us answer malformed JSON in our own envelope
     # and notice when the client disconnects.
     async def predict(self, request: Request) -> Any:
-        assert self._predict is not None, "load() has not run"
-        return await self._predict.handle(request)
+        assert self._routes is not None, "load() has not run"
+        return await self._routes.predict(request)
 
     # OpenAI-compatible routes (POST /v1/completions, POST /v1/chat/completions): same engine and
     # validation as predict, OpenAI's request and response shapes (see README: "The OpenAI-compatible API").
     async def completions(self, request: Request) -> Any:
-        assert self._openai is not None, "load() has not run"
-        return await self._openai.completions(request)
+        assert self._routes is not None, "load() has not run"
+        return await self._routes.completions(request)
 
     async def chat_completions(self, request: Request) -> Any:
-        assert self._openai is not None, "load() has not run"
-        return await self._openai.chat_completions(request)
+        assert self._routes is not None, "load() has not run"
+        return await self._routes.chat_completions(request)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import GenerationPlan
-from starcoder_serving.engine.path_choice import Path as Route
+from starcoder_serving.engine.path_choice import GenerationPath
 from starcoder_serving.engine.sampling_params import SamplingParams
 
 from tests.conftest import DATA_DIR, tiny_settings
@@ -161,7 +161,7 @@ class Bench:
         key = (name, parameters_key(parameters))
         if key not in self._answers:
             plan = self.plan(self.reference, name, parameters)
-            assert self.reference.route(plan).path is Route.GENERATE
+            assert self.reference.route(plan).path is GenerationPath.GENERATE
             self._answers[key] = one(self.reference, plan)
         return self._answers[key]
 
@@ -256,13 +256,13 @@ def check_neighbours(results: Sequence[Completion], neighbours: Neighbours, besi
 def test_a_greedy_request_on_the_batch_equals_generate_alone(bench: Bench, name: str, case: Case) -> None:
     parameters = case.parameters(bench.greedy)
     plans = [bench.plan(bench.batch, prompt, parameters) for prompt in case.prompts]
-    assert [bench.batch.route(plan).path for plan in plans] == [Route.BATCHED] * len(plans), name
+    assert [bench.batch.route(plan).path for plan in plans] == [GenerationPath.BATCHED] * len(plans), name
     routed = dict(bench.batch.routed)
     for prompt, plan in zip(case.prompts, plans):
         assert_same(one(bench.batch, plan), bench.reference_answer(prompt, parameters), f"{name} on {prompt!r}")
     # They really were served by the batch, not handed to generate().
-    assert bench.batch.routed[Route.BATCHED] - routed[Route.BATCHED] == len(plans)
-    assert bench.batch.routed[Route.GENERATE] == routed[Route.GENERATE]
+    assert bench.batch.routed[GenerationPath.BATCHED] - routed[GenerationPath.BATCHED] == len(plans)
+    assert bench.batch.routed[GenerationPath.GENERATE] == routed[GenerationPath.GENERATE]
 
 
 @pytest.mark.parametrize(("name", "case"), ALL_CASES)
@@ -331,7 +331,7 @@ def test_a_seeded_sample_is_the_same_alone_and_under_load(bench: Bench, neighbou
     engine = bench.batch
     parameters = {"do_sample": True, "seed": 7, **SAMPLED[name]}
     plans = [bench.plan(engine, prompt, parameters) for prompt in SAMPLED_PROMPTS]
-    assert all(engine.route(plan).path is Route.BATCHED for plan in plans)
+    assert all(engine.route(plan).path is GenerationPath.BATCHED for plan in plans)
     alone = [one(engine, plan).text for plan in plans]
     results = together(engine, [*plans, *neighbours.plans])
     assert [c.text for c in results[: len(plans)]] == alone, f"{name}: the sample depends on its neighbours"
@@ -351,7 +351,7 @@ def test_n_sequences_are_all_on_the_batch_and_seeded_ones_repeat(engine: Engine)
     plans = engine.plan(prompt_ids, seeded)
     assert len(plans) == 4 and [p.sampling.seed for p in plans] == [21, 22, 23, 24]
     assert all(p.sampling.n == 1 for p in plans)
-    assert [engine.route(p).path for p in plans] == [Route.BATCHED] * 4
+    assert [engine.route(p).path for p in plans] == [GenerationPath.BATCHED] * 4
     first = [c.text for c in together(engine, plans)]
     assert [c.text for c in together(engine, engine.plan(prompt_ids, seeded))] == first
     assert len(set(first)) > 1, "the four sequences are one sample four times"
@@ -362,7 +362,7 @@ def test_n_sequences_are_all_on_the_batch_and_seeded_ones_repeat(engine: Engine)
     unseeded = engine.plan(prompt_ids, SamplingParams(max_new_tokens=16, do_sample=True, n=4))
     seeds = [p.sampling.seed for p in unseeded]
     assert None not in seeds and len(set(seeds)) == 4
-    assert [engine.route(p).path for p in unseeded] == [Route.BATCHED] * 4
+    assert [engine.route(p).path for p in unseeded] == [GenerationPath.BATCHED] * 4
 
 
 # ---- routing ----
@@ -380,16 +380,16 @@ def test_only_beam_search_leaves_the_batch(bench: Bench) -> None:
     ]
     for parameters in every:
         plan = bench.plan(engine, "fib", parameters)
-        assert engine.route(plan).path is Route.BATCHED, parameters
+        assert engine.route(plan).path is GenerationPath.BATCHED, parameters
     beams = bench.plan(engine, "fib", {"num_beams": 2, "max_new_tokens": 6})
-    assert engine.route(beams).path is Route.GENERATE
-    assert engine.route(bench.plan(engine, "fib", {"num_beams": 2, "length_penalty": 0.5})).path is Route.GENERATE
+    assert engine.route(beams).path is GenerationPath.GENERATE
+    assert engine.route(bench.plan(engine, "fib", {"num_beams": 2, "length_penalty": 0.5})).path is GenerationPath.GENERATE
     routed = dict(engine.routed)
     assert one(engine, beams).completion_tokens > 0
-    assert engine.routed[Route.GENERATE] == routed[Route.GENERATE] + 1
-    assert engine.routed[Route.BATCHED] == routed[Route.BATCHED]
+    assert engine.routed[GenerationPath.GENERATE] == routed[GenerationPath.GENERATE] + 1
+    assert engine.routed[GenerationPath.BATCHED] == routed[GenerationPath.BATCHED]
     # The reference engine really is generate() alone, for everything.
-    assert bench.reference.route(bench.plan(bench.reference, "fib", {})).path is Route.GENERATE
+    assert bench.reference.route(bench.plan(bench.reference, "fib", {})).path is GenerationPath.GENERATE
 
 
 # ---- isolation ----

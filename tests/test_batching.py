@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.engine.jobs import FinishReason, GenerationPlan
-from starcoder_serving.engine.path_choice import Path as Route
-from starcoder_serving.engine.path_choice import choose_path
+from starcoder_serving.engine.jobs import GenerationPlan
+from starcoder_serving.engine.path_choice import GenerationPath, choose_path
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.errors import GenerationFailed, Overloaded
+from starcoder_serving.events import FinishReason
 from starcoder_serving.settings import ServingSettings
 
 from tests.conftest import DATA_DIR, tiny_settings
@@ -81,9 +81,9 @@ def test_routing_table_only_beam_search_leaves_the_batch() -> None:
         {"renormalize_logits": True, "remove_invalid_values": True},
     ]
     for params in batched_cases:
-        assert choose_path(SamplingParams.model_validate(params)).path is Route.BATCHED, params
-    assert choose_path(SamplingParams(num_beams=4)).path is Route.GENERATE
-    assert choose_path(SamplingParams(), continuous_batching=False).path is Route.GENERATE
+        assert choose_path(SamplingParams.model_validate(params)).path is GenerationPath.BATCHED, params
+    assert choose_path(SamplingParams(num_beams=4)).path is GenerationPath.GENERATE
+    assert choose_path(SamplingParams(), continuous_batching=False).path is GenerationPath.GENERATE
 
 
 def test_asynchronous_batching_sends_only_host_side_parameters_to_generate() -> None:
@@ -91,11 +91,11 @@ def test_asynchronous_batching_sends_only_host_side_parameters_to_generate() -> 
     host_side = [{"no_repeat_ngram_size": 2}, {"bad_words_ids": [[5, 6]]}, {"logprobs": 0}]
     for params in host_side:
         sampling = SamplingParams.model_validate(params)
-        assert choose_path(sampling, async_batching=True).path is Route.GENERATE, params
-        assert choose_path(sampling).path is Route.BATCHED, params
+        assert choose_path(sampling, async_batching=True).path is GenerationPath.GENERATE, params
+        assert choose_path(sampling).path is GenerationPath.BATCHED, params
     device_side = [{}, {"bad_words_ids": [[5]]}, {"repetition_penalty": 1.3, "seed": 2}, {"min_new_tokens": 3}]
     for params in device_side:
-        assert choose_path(SamplingParams.model_validate(params), async_batching=True).path is Route.BATCHED, params
+        assert choose_path(SamplingParams.model_validate(params), async_batching=True).path is GenerationPath.BATCHED, params
 
 
 def test_asynchronous_batching_is_ignored_without_a_gpu(tiny_model_dir: Path) -> None:
@@ -104,7 +104,7 @@ def test_asynchronous_batching_is_ignored_without_a_gpu(tiny_model_dir: Path) ->
     try:
         assert not engine.async_batching
         plan = _greedy(engine, "def f(x):", max_new_tokens=4, logprobs=0)
-        assert engine.route(plan).path is Route.BATCHED
+        assert engine.route(plan).path is GenerationPath.BATCHED
         assert _one(engine, plan).completion_tokens == 4
     finally:
         engine.shutdown()
@@ -135,12 +135,12 @@ def test_settings_env_override_disables_batching() -> None:
 
 def test_batched_greedy_equals_solo_and_generate(engine: Engine, solo_engine: Engine) -> None:
     plans = [_greedy(engine, prompt) for prompt in PROMPTS]
-    assert all(engine.route(plan).path is Route.BATCHED for plan in plans)
-    before = engine.routed[Route.BATCHED]
+    assert all(engine.route(plan).path is GenerationPath.BATCHED for plan in plans)
+    before = engine.routed[GenerationPath.BATCHED]
     alone = [_one(engine, plan) for plan in plans]
     together = _gather(engine, plans)
     reference = [_one(solo_engine, plan) for plan in plans]
-    assert engine.routed[Route.BATCHED] - before == 2 * len(plans)
+    assert engine.routed[GenerationPath.BATCHED] - before == 2 * len(plans)
     assert [c.text for c in together] == [c.text for c in alone] == [c.text for c in reference]
     assert [c.finish_reason for c in together] == [c.finish_reason for c in reference]
     assert [c.completion_tokens for c in together] == [c.completion_tokens for c in reference]
@@ -179,8 +179,8 @@ def test_mixed_traffic_each_on_its_path_and_exact(engine: Engine, solo_engine: E
     seeded = _greedy(engine, "import os\n", max_new_tokens=16, do_sample=True, seed=7)
     logprobs = _greedy(engine, "for i in", max_new_tokens=8, logprobs=2)
     sampled = _greedy(engine, "while True:\n", max_new_tokens=16, do_sample=True, temperature=0.8, top_k=20)
-    assert engine.route(beam).path is Route.GENERATE
-    assert [engine.route(p).path for p in (ngram, seeded, logprobs, sampled)] == [Route.BATCHED] * 4
+    assert engine.route(beam).path is GenerationPath.GENERATE
+    assert [engine.route(p).path for p in (ngram, seeded, logprobs, sampled)] == [GenerationPath.BATCHED] * 4
 
     seeded_alone = _one(engine, seeded)
     references = [_one(solo_engine, plan) for plan in [*greedy, beam, ngram, logprobs]]
@@ -192,8 +192,8 @@ def test_mixed_traffic_each_on_its_path_and_exact(engine: Engine, solo_engine: E
         assert got.token_id == want.token_id and [t for t, _ in got.top] == [t for t, _ in want.top]
         assert abs(got.logprob - want.logprob) < 1e-4
     assert seeded_result.text == seeded_alone.text  # a seeded sample does not depend on its neighbours
-    assert engine.routed[Route.GENERATE] - before[Route.GENERATE] == 1
-    assert engine.routed[Route.BATCHED] - before[Route.BATCHED] == len(greedy) + 4
+    assert engine.routed[GenerationPath.GENERATE] - before[GenerationPath.GENERATE] == 1
+    assert engine.routed[GenerationPath.BATCHED] - before[GenerationPath.BATCHED] == len(greedy) + 4
     assert 1 <= sampled_result.completion_tokens <= 16
     assert engine.requests_in_progress == 0
 
@@ -249,8 +249,8 @@ def test_queue_full_is_overloaded(tiny_model_dir: Path) -> None:
 def test_batched_path_disabled_serves_everything_through_generate(solo_engine: Engine) -> None:
     before = dict(solo_engine.routed)
     _gather(solo_engine, [_greedy(solo_engine, prompt, max_new_tokens=4) for prompt in PROMPTS[:3]])
-    assert solo_engine.routed[Route.GENERATE] - before[Route.GENERATE] == 3
-    assert solo_engine.routed[Route.BATCHED] == before[Route.BATCHED]
+    assert solo_engine.routed[GenerationPath.GENERATE] - before[GenerationPath.GENERATE] == 3
+    assert solo_engine.routed[GenerationPath.BATCHED] == before[GenerationPath.BATCHED]
 
 
 def test_a_fault_in_a_batch_step_is_reported_and_batching_recovers(tiny_model_dir: Path) -> None:
@@ -268,7 +268,7 @@ def test_a_fault_in_a_batch_step_is_reported_and_batching_recovers(tiny_model_di
             _one(engine, _greedy(engine, "hello", max_new_tokens=4))
         model.forward = original
         plans = [_greedy(engine, prompt, max_new_tokens=6) for prompt in PROMPTS[:4]]
-        assert all(engine.route(plan).path is Route.BATCHED for plan in plans)
+        assert all(engine.route(plan).path is GenerationPath.BATCHED for plan in plans)
         assert [c.completion_tokens for c in _gather(engine, plans)] == [6] * 4
         assert engine.requests_in_progress == 0
     finally:

@@ -11,9 +11,10 @@ import pytest
 import torch
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.generate_worker import AdditivePenalties
-from starcoder_serving.engine.jobs import FinishReason, GenerationPlan
+from starcoder_serving.engine.jobs import GenerationPlan
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.events import FinishReason
 from starcoder_serving.text.prompts import ChatRenderer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, GenerationPlan, Job, PacedDelivery, TokenEvent
+from starcoder_serving.engine.jobs import GenerationPlan, Job, PacedDelivery
 from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.events import DoneEvent, Event, FinishReason, TokenEvent
 
 PLAN = GenerationPlan([1, 2, 3], SamplingParams(max_new_tokens=8))
 

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starcoder_serving.api.openai_route import OpenAIService, TokenTexts
 from starcoder_serving.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -16,13 +15,20 @@ from starcoder_serving.api.openai_schema import (
     parse_completion_request,
 )
 from starcoder_serving.engine.engine import Engine
+from starcoder_serving.engine.validation import ValidRequest
 from starcoder_serving.errors import InvalidRequest
+from starcoder_serving.text.token_texts import TokenTexts
 
 CHAT = [{"role": "user", "content": "hi"}]
 
 
 def completion(**fields: Any) -> dict[str, Any]:
     return {"model": "starcoder", "prompt": "def f():", **fields}
+
+
+def validated(engine: Engine, parse: Any, body: dict[str, Any]) -> ValidRequest:
+    """What the server does with a body before generating: parse its shape, then the one validation stage."""
+    return engine.validate(parse(body).to_request())
 
 
 def sent(parsed: Any, logprobs: int | None = None) -> dict[str, Any]:
@@ -33,7 +39,7 @@ def sent(parsed: Any, logprobs: int | None = None) -> dict[str, Any]:
 def test_openai_defaults_sample_the_whole_distribution() -> None:
     parsed = parse_completion_request(completion())
     assert sent(parsed) == {"n": 1, "logprobs": None, "do_sample": True, "temperature": 1.0, "top_k": 0}
-    assert not parsed.streaming and parsed.choices_per_prompt == 1 and parsed.stop_sequences == []
+    assert not parsed.streaming and parsed.choices_per_prompt == 1 and "stop" not in sent(parsed)
 
 
 def test_sampling_parameters_map_to_transformers_names() -> None:
@@ -52,7 +58,6 @@ def test_sampling_parameters_map_to_transformers_names() -> None:
         "top_p": 0.9,
         "stop": ("\n",),
     }
-    assert parsed.stop_sequences == ["\n"]
     biased = parse_completion_request(completion(logit_bias={"5": 10, "7": -100}, presence_penalty=0.5, seed=3))
     assert sent(biased)["logit_bias"] == {5: 10.0, 7: -100.0}
     assert (sent(biased)["presence_penalty"], sent(biased)["seed"]) == (0.5, 3)
@@ -87,7 +92,7 @@ def test_chat_messages_accept_text_parts_and_developer_role() -> None:
             "service_tier": "auto",
         }
     )
-    assert parsed.template_messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab"}]
+    assert parsed.to_request().prompts[0].messages == (("system", "Be brief."), ("user", "ab"))
 
 
 def test_prompt_forms() -> None:
@@ -121,14 +126,16 @@ REFUSED_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", ""),
     ({"prompt": "x", "stream": "yes"}, "stream", ""),
     ({"prompt": "x", "n": 0}, "n", ""),
-    ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens", "exceeds"),
+    ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens", "more than the 2 allowed by max_tokens"),
 ]
 
 
 @pytest.mark.parametrize(("body", "param", "expected"), REFUSED_COMPLETIONS, ids=[c[1] for c in REFUSED_COMPLETIONS])
-def test_refused_completion_requests_name_the_parameter(body: dict[str, Any], param: str, expected: str) -> None:
+def test_refused_completion_requests_name_the_parameter(
+    engine: Engine, body: dict[str, Any], param: str, expected: str
+) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        parse_completion_request(body)
+        validated(engine, parse_completion_request, body)
     assert caught.value.status_code == 400
     assert caught.value.param == param
     assert expected in caught.value.message
@@ -158,9 +165,11 @@ REFUSED_CHATS: list[tuple[dict[str, Any], str, str]] = [
 
 
 @pytest.mark.parametrize(("body", "param", "expected"), REFUSED_CHATS, ids=[c[1] for c in REFUSED_CHATS])
-def test_refused_chat_requests_name_the_parameter(body: dict[str, Any], param: str, expected: str) -> None:
+def test_refused_chat_requests_name_the_parameter(
+    engine: Engine, body: dict[str, Any], param: str, expected: str
+) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        parse_chat_request(body)
+        validated(engine, parse_chat_request, body)
     assert caught.value.param == param
     assert expected in caught.value.message
 
@@ -168,30 +177,35 @@ def test_refused_chat_requests_name_the_parameter(body: dict[str, Any], param: s
 # ---- against the in-process engine: limits, FIM, token ids, finish reasons ----
 
 
-def test_planning_uses_the_engine_checks(engine: Engine) -> None:
-    service = OpenAIService(engine)
+def test_the_engines_limits_are_worded_in_openai_names(engine: Engine) -> None:
     with pytest.raises(
         InvalidRequest, match="`max_tokens` asks for 100000 new tokens, above this server's cap"
     ) as caught:
-        service.plan_completion(completion(max_tokens=100000))
+        validated(engine, parse_completion_request, completion(max_tokens=100000))
     assert caught.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest, match="`max_completion_tokens` asks for 100000") as caught:
+        validated(engine, parse_chat_request, {"messages": CHAT, "max_completion_tokens": 100000})
+    assert caught.value.param == "max_completion_tokens"
     with pytest.raises(InvalidRequest, match="`n` must be <="):
-        service.plan_completion(completion(n=100))
+        validated(engine, parse_completion_request, completion(n=100))
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
-        service.plan_completion(completion(prompt=[1, 10**9]))
+        validated(engine, parse_completion_request, completion(prompt=[1, 10**9]))
     with pytest.raises(InvalidRequest, match="`stop` has"):
-        service.plan_completion(completion(stop=[str(i) for i in range(20)]))
+        validated(engine, parse_completion_request, completion(stop=[str(i) for i in range(20)]))
 
 
 def test_planning_builds_one_plan_per_choice(engine: Engine) -> None:
-    service = OpenAIService(engine)
-    job = service.plan_completion(completion(prompt=["a", "bb"], n=2, seed=5, temperature=0.7, max_tokens=4))
-    assert [c.index for c in job.choices] == [0, 1, 2, 3]
-    assert [c.plan.sampling.seed for c in job.choices] == [5, 6, 5, 6]
-    assert job.prompt_tokens == len(engine.tokenize("a")) + len(engine.tokenize("bb"))
-    fim = service.plan_completion(completion(prompt="def f(", suffix="    return 1\n", max_tokens=4))
+    valid = validated(
+        engine, parse_completion_request, completion(prompt=["a", "bb"], n=2, seed=5, temperature=0.7, max_tokens=4)
+    )
+    assert [c.index for c in valid.choices] == [0, 1, 2, 3]
+    assert [c.plan.sampling.seed for c in valid.choices] == [5, 6, 5, 6]
+    assert valid.prompt_tokens == len(engine.tokenize("a")) + len(engine.tokenize("bb"))
+    fim = validated(
+        engine, parse_completion_request, completion(prompt="def f(", suffix="    return 1\n", max_tokens=4)
+    )
     assert fim.choices[0].plan.prompt_ids == engine.tokenize("<fim_prefix>def f(<fim_suffix>    return 1\n<fim_middle>")
-    chat = service.plan_chat({"messages": CHAT, "stop": "END", "max_tokens": 4})
+    chat = validated(engine, parse_chat_request, {"messages": CHAT, "stop": "END", "max_tokens": 4})
     assert chat.choices[0].plan.stop == ("END", *engine.chat.render(CHAT).implied_stop)
 
 
@@ -217,12 +231,10 @@ bodies = st.dictionaries(field_names, json_values, max_size=6)
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies)
-def test_fuzzed_bodies_parse_or_get_a_clear_400(body: dict[str, Any]) -> None:
+def test_fuzzed_bodies_parse_or_get_a_clear_400(engine: Engine, body: dict[str, Any]) -> None:
     for parse in (parse_completion_request, parse_chat_request):
         try:
-            parsed = parse(body)
+            validated(engine, parse, body)
         except InvalidRequest as error:
             assert error.status_code == 400 and error.message
             json.dumps(error.message)
-        else:
-            parsed.sampling_params(None)

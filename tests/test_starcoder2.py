@@ -138,7 +138,8 @@ def test_a_prompt_longer_than_8192_tokens_is_served_within_16384(batched: Engine
 
 
 def test_fill_in_the_middle_uses_the_vocabularys_fim_tokens(batched: Engine) -> None:
-    rendered = batched.render_fim("def f(x):\n    ", "\n    return y\n", param="prefix")
+    assert batched.profile.fim is not None
+    rendered = batched.profile.fim.render("def f(x):\n    ", "\n    return y\n")
     ids = batched.tokenize(rendered.text)
     fim_ids = [batched.tokenizer.convert_tokens_to_ids(t) for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
     assert fim_ids == [1, 3, 2]  # StarCoder2's ids

@@ -8,20 +8,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starcoder_serving.api.generation_params import PYTHON_ONLY_PARAMETERS
-from starcoder_serving.api.predict_route import PredictService
+from starcoder_serving.api.predict_route import PredictProtocol
+from starcoder_serving.engine.engine import Engine
 from starcoder_serving.errors import InvalidRequest
 
 from tests.strategies import json_values, predict_fields
 
+PARSE = PredictProtocol().parse
 
-def parse_error(body: dict[str, object]) -> str:
+
+def parse_error(body: dict[str, object], engine: Engine | None = None) -> str:
+    """The message predict answers ``body`` with: from its schema, or (with an engine) from the validation stage."""
     with pytest.raises(InvalidRequest) as caught:
-        PredictService.parse(body)
+        parsed = PARSE(body)
+        if engine is not None:
+            engine.validate(parsed.to_request())
     return caught.value.message
 
 
 def test_seed_request_parses_with_no_generation_parameters() -> None:
-    parsed = PredictService.parse({"prompt": "def compute_fib(n):"})
+    parsed = PARSE({"prompt": "def compute_fib(n):"})
     assert parsed.prompt == "def compute_fib(n):"
     assert parsed.set_parameters() == {}
     assert parsed.stream is False
@@ -29,7 +35,7 @@ def test_seed_request_parses_with_no_generation_parameters() -> None:
 
 def test_generation_parameters_pass_through_by_their_transformers_names() -> None:
     body = {"prompt": "x", "max_new_tokens": 5, "temperature": 0.7, "do_sample": True, "top_k": 3, "num_beams": 1}
-    assert PredictService.parse(body).set_parameters() == {k: v for k, v in body.items() if k != "prompt"}
+    assert PARSE(body).set_parameters() == {k: v for k, v in body.items() if k != "prompt"}
 
 
 @pytest.mark.parametrize(
@@ -55,15 +61,15 @@ def test_generation_parameters_pass_through_by_their_transformers_names() -> Non
         ({"prompt": "x", "bad_words_ids": [[-1]]}, "`bad_words_ids.0.0`"),
     ],
 )
-def test_bad_values_name_the_field(body: dict[str, object], expected: str) -> None:
-    assert expected in parse_error(body)
+def test_bad_values_name_the_field(engine: Engine, body: dict[str, object], expected: str) -> None:
+    assert expected in parse_error(body, engine)
 
 
 @pytest.mark.parametrize("stop", [[1], 5, [["nested"]], {"a": "b"}])
 def test_a_field_of_several_shapes_is_named_once_with_its_shapes(stop: object) -> None:
     """pydantic reports each union member that failed ("stop.str", "stop.list[str].0"); a client wrote `stop`."""
     with pytest.raises(InvalidRequest) as caught:
-        PredictService.parse({"prompt": "x", "stop": stop})
+        PARSE({"prompt": "x", "stop": stop})
     assert caught.value.param == "stop"
     assert caught.value.message == "`stop` must be a string or a list of strings."
 
@@ -85,6 +91,6 @@ def test_python_only_parameters_are_refused_with_their_reason(name: str) -> None
 def test_fuzzed_bodies_either_parse_or_raise_a_client_error(body: dict[str, object]) -> None:
     json.dumps(body)  # the fuzzer only sends what a client could
     try:
-        PredictService.parse(body)
+        PARSE(body)
     except InvalidRequest as error:
         assert error.status_code == 400 and error.message

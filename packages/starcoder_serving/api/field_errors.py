@@ -15,9 +15,6 @@ import pydantic
 
 from starcoder_serving.errors import InvalidRequest
 
-# What the fields that take several shapes must be (a union field's one sentence).
-STOP_SHAPE = "a string or a list of strings"
-
 
 def _is_union_tag(part: str | int) -> bool:
     """pydantic's label for a union member in an error location ("str", "list[str]", "function-after[...]")."""

@@ -14,8 +14,19 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from starcoder_serving.api.field_errors import STOP_SHAPE, describe_validation_error
-from starcoder_serving.engine.sampling_params import AdditivePenalty, LogitBias, SamplingParams, Seed
+from starcoder_serving.api.common_fields import STOP_SHAPE, CommonFields
+from starcoder_serving.api.field_errors import describe_validation_error
+from starcoder_serving.engine.request import (
+    ChatPrompt,
+    FieldNames,
+    FimPrompt,
+    GenerationRequest,
+    OutputOptions,
+    Prompt,
+    TextPrompt,
+    TokenPrompt,
+)
+from starcoder_serving.engine.sampling_params import AdditivePenalty, LogitBias, SamplingParams
 from starcoder_serving.errors import InvalidRequest
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
@@ -50,7 +61,15 @@ class StreamOptions(_Strict):
     include_usage: StrictBool | None = None
 
 
-class SamplingRequest(_Strict):
+# The engine's names (transformers') as OpenAI spells them.
+OPENAI_NAMES: dict[str, str] = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "do_sample": "temperature",
+}
+
+
+class SamplingRequest(CommonFields):
     """What both routes share. ``None`` (or an absent field) means OpenAI's default."""
 
     model: StrictStr | None = None
@@ -60,13 +79,10 @@ class SamplingRequest(_Strict):
     n: PositiveInt | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    # Any length here: the engine refuses more than max_stop_sequences with a message giving the limit.
-    stop: StrictStr | list[StrictStr] | None = None
     presence_penalty: AdditivePenalty | None = None
     frequency_penalty: AdditivePenalty | None = None
     # Token id (as a string, as JSON object keys are) -> bias added to its logit.
     logit_bias: Annotated[dict[StrictStr, LogitBias], Field(max_length=1024)] | None = None
-    seed: Seed | None = None
     user: StrictStr | None = None
     # vLLM's extras.
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
@@ -85,12 +101,6 @@ class SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    @property
-    def stop_sequences(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
     def new_token_limit(self) -> int | None:
         return self.max_tokens
 
@@ -104,27 +114,23 @@ class SamplingRequest(_Strict):
                 )
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest('`stream_options` is only allowed with "stream": true.', param="stream_options")
-        if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise InvalidRequest(
-                f"`min_tokens` ({self.min_tokens}) exceeds max_tokens ({self.max_tokens}).", param="min_tokens"
-            )
 
-    def sampling_params(self, logprobs: int | None, implied_stop: tuple[str, ...] = ()) -> SamplingParams:
+    def field_names(self) -> FieldNames:
+        return FieldNames(OPENAI_NAMES)
+
+    def sampling_params(self, logprobs: int | None) -> SamplingParams:
         """The request's decoding in the engine's terms (OpenAI's defaults: sampling at temperature 1)."""
-        values: dict[str, Any] = {"n": self.choices_per_prompt, "logprobs": logprobs}
+        values: dict[str, Any] = {"n": self.choices_per_prompt, "logprobs": logprobs, **self.sampling_values()}
         limit = self.new_token_limit()
-        if limit is not None:
+        if limit:  # 0: only the prompt is scored
             values["max_new_tokens"] = limit
         if self.min_tokens:
             values["min_new_tokens"] = self.min_tokens
-        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
         if self.logit_bias:
             values["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
-        stop = (*self.stop_sequences, *implied_stop)
-        if stop:
-            values["stop"] = stop
         temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
         if temperature == 0.0:
             # Greedy: top_p / top_k cannot change the argmax, so they are honoured by construction.
@@ -172,28 +178,25 @@ class CompletionRequest(SamplingRequest):
                 "Leave it out (or send best_of equal to n).",
                 param="best_of",
             )
-        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
-            raise InvalidRequest(
-                '`max_tokens` 0 only scores the prompt: send it with "echo": true and logprobs, or send max_tokens >= 1.',
-                param="max_tokens",
-            )
-        if self.scores_prompt and self.stream:
-            raise InvalidRequest(
-                'Prompt scoring (`echo` with `logprobs`) is not streamed; send "stream": false.', param="stream"
-            )
-        if self.suffix is not None and self.echo:
-            raise InvalidRequest("`echo` cannot be combined with `suffix` (fill-in-the-middle).", param="echo")
-        if self.suffix is not None and any(not isinstance(p, str) for p in self.prompts()):
-            raise InvalidRequest("`suffix` needs a text `prompt`, not token ids.", param="suffix")
 
-    @property
-    def top_logprobs(self) -> int | None:
-        return self.logprobs
+    def to_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompts=tuple(self._prompt(prompt) for prompt in self.prompts()),
+            sampling=self.sampling_params(self.logprobs),
+            output=OutputOptions(
+                stream=self.streaming,
+                echo=bool(self.echo),
+                # echo with logprobs: the prompt's own tokens get logprobs too (evaluation harnesses' loglikelihood).
+                score_prompt=bool(self.echo) and self.logprobs is not None,
+                generate=self.max_tokens != 0,
+            ),
+            names=self.field_names(),
+        )
 
-    @property
-    def scores_prompt(self) -> bool:
-        """echo with logprobs: the prompt's own tokens get logprobs too (evaluation harnesses' loglikelihood)."""
-        return bool(self.echo) and self.logprobs is not None
+    def _prompt(self, prompt: str | list[int]) -> Prompt:
+        if self.suffix is not None:
+            return FimPrompt(prompt if isinstance(prompt, str) else tuple(prompt), self.suffix, field="suffix")
+        return TextPrompt(prompt) if isinstance(prompt, str) else TokenPrompt(tuple(prompt))
 
 
 class TextPart(_Strict):
@@ -231,9 +234,10 @@ class ChatMessage(_Strict):
             raise ValueError(f"must be null or left out: {NULL_ONLY_MESSAGE_FIELDS[str(info.field_name)]}")
         return value
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> tuple[str, str]:
+        """(role, text) as the prompt templates take it."""
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return ("system" if self.role == "developer" else self.role, text)
 
 
 # Known OpenAI chat fields this model cannot honour, with the reason given to the client.
@@ -304,20 +308,21 @@ class ChatCompletionRequest(SamplingRequest):
                 "Send either `max_tokens` or `max_completion_tokens`, not two different values.",
                 param="max_completion_tokens",
             )
-        if self.min_tokens is not None and (limit := self.new_token_limit()) is not None and self.min_tokens > limit:
-            raise InvalidRequest(
-                f"`min_tokens` ({self.min_tokens}) exceeds the token limit ({limit}).", param="min_tokens"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest('`top_logprobs` needs "logprobs": true.', param="top_logprobs")
-        if self.messages[-1].role == "assistant":
-            raise InvalidRequest(
-                "`messages` must end with a user (or system) message: the model answers as the assistant.",
-                param="messages",
-            )
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [message.as_template_message() for message in self.messages]
+    def field_names(self) -> FieldNames:
+        limit = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return FieldNames({**OPENAI_NAMES, "max_new_tokens": limit, "logprobs": "top_logprobs"})
+
+    def to_request(self) -> GenerationRequest:
+        messages = tuple(message.as_template_message() for message in self.messages)
+        return GenerationRequest(
+            prompts=(ChatPrompt(messages),),
+            sampling=self.sampling_params(self.chosen_logprobs),
+            output=OutputOptions(stream=self.streaming),
+            names=self.field_names(),
+        )
 
     @property
     def chosen_logprobs(self) -> int | None:

@@ -12,8 +12,19 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictStr
 
+from starcoder_serving.api.common_fields import CommonFields
 from starcoder_serving.api.generation_params import GenerationParameters
-from starcoder_serving.engine.sampling_params import SamplingParams, Seed
+from starcoder_serving.engine.request import (
+    ChatPrompt,
+    FieldNames,
+    FimPrompt,
+    GenerationRequest,
+    InstructionPrompt,
+    OutputOptions,
+    Prompt,
+    TextPrompt,
+)
+from starcoder_serving.engine.sampling_params import SamplingParams
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 
@@ -32,7 +43,11 @@ class ChatMessage(pydantic.BaseModel):
     content: StrictStr
 
 
-class PredictRequest(GenerationParameters):
+# transformers' names, but for the number of sequences.
+PREDICT_NAMES = FieldNames({"n": "num_return_sequences"})
+
+
+class PredictRequest(GenerationParameters, CommonFields):
     """The body of ``POST /v1/models/model:predict``."""
 
     prompt: NonEmptyStr | None = None
@@ -43,8 +58,6 @@ class PredictRequest(GenerationParameters):
     input: StrictStr | None = None
 
     stream: StrictBool = False
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: Seed | None = None
 
     @pydantic.model_validator(mode="after")
     def _exactly_one_input_form(self) -> PredictRequest:
@@ -57,28 +70,30 @@ class PredictRequest(GenerationParameters):
             raise ValueError('"suffix" needs "prefix" (fill-in-the-middle); send "prefix": "" for an empty one')
         if self.input is not None and self.instruction is None:
             raise ValueError('"input" needs "instruction"')
-        if self.messages is not None and self.messages[-1].role == "assistant":
-            raise ValueError('"messages" must end with a user (or system) message: the model answers as the assistant')
         return self
 
-    @property
-    def stop_sequences(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def sampling_params(self, implied_stop: tuple[str, ...] = ()) -> SamplingParams:
-        """The request's decoding, in the engine's terms (only what the client sent, so the model's own
-        generation defaults still apply to the rest)."""
-        values = self.set_parameters()
+    def to_request(self) -> GenerationRequest:
+        """The request in the engine's terms: only what the client sent, so the model's own generation defaults
+        still apply to the rest. Plain text cannot interleave several sequences, and n > 1 must sample."""
+        values = {**self.set_parameters(), **self.sampling_values()}
         if "num_return_sequences" in values:
             values["n"] = values.pop("num_return_sequences")
-        if self.seed is not None:
-            values["seed"] = self.seed
-        stop = (*self.stop_sequences, *implied_stop)
-        if stop:
-            values["stop"] = stop
-        return SamplingParams.model_validate(values)
+        return GenerationRequest(
+            prompts=(self._prompt(),),
+            sampling=SamplingParams.model_validate(values),
+            output=OutputOptions(stream=self.stream, several_per_stream=False, distinct_sequences=True),
+            names=PREDICT_NAMES,
+        )
+
+    def _prompt(self) -> Prompt:
+        if self.prompt is not None:
+            return TextPrompt(self.prompt)
+        if self.prefix is not None:
+            return FimPrompt(self.prefix, self.suffix or "", field="prefix")
+        if self.messages is not None:
+            return ChatPrompt(tuple((m.role, m.content) for m in self.messages))
+        assert self.instruction is not None
+        return InstructionPrompt(self.instruction, self.input)
 
     def echo(self) -> dict[str, Any]:
         """The input fields as the client sent them, for the response's ``data``."""

@@ -11,22 +11,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
 
 import pydantic
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from starcoder_serving.api.field_errors import describe_validation_error
-from starcoder_serving.api.http_body import plan_request, unless_disconnected
-from starcoder_serving.api.openai_route import TokenTexts
+from starcoder_serving.api.lifecycle import ChoiceDelta, ChoiceEvent, Outcome, RouteProtocol
+from starcoder_serving.api.sse import SSE_HEADERS, sse
 from starcoder_serving.api.tgi_schema import TgiRequest
-from starcoder_serving.engine.engine import Completion, Engine
-from starcoder_serving.engine.jobs import FinishReason, GenerationPlan, TokenLogprob
+from starcoder_serving.engine.engine import Engine
+from starcoder_serving.engine.validation import ValidRequest
 from starcoder_serving.errors import InvalidRequest, Overloaded, ServingError
+from starcoder_serving.events import FinishReason, TokenLogprob
+from starcoder_serving.text.assembler import Completion
+from starcoder_serving.text.token_texts import TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ FINISH_REASONS = {
     FinishReason.LENGTH: "length",
     FinishReason.CANCELLED: "length",
 }
-
-
-def error_response(error: ServingError) -> JSONResponse:
-    return JSONResponse(status_code=error.status_code, content=error_payload(error))
 
 
 def error_payload(error: ServingError) -> dict[str, str]:
@@ -52,40 +49,15 @@ def error_payload(error: ServingError) -> dict[str, str]:
     return {"error": error.message, "error_type": kind}
 
 
-def _sse(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+class TgiProtocol(RouteProtocol[TgiRequest]):
+    example: ClassVar[str] = '{"inputs": "def compute_fib(n):", "parameters": {"max_new_tokens": 64}}'
+    stream_headers: ClassVar[Mapping[str, str]] = SSE_HEADERS
 
-
-class TgiService:
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
         self.texts = TokenTexts(engine.tokenizer)
         self._special = set(engine.tokenizer.all_special_ids) | set(engine.eos_token_ids)
 
-    async def handle(self, request: Request, body: dict[str, Any]) -> Response:
-        try:
-            parsed = self.parse(body)
-            plan = await plan_request(request, self.plan, parsed)
-            prefill = await self._prefill(parsed, plan)
-            if parsed.stream:
-                self.engine.check_capacity()
-                return StreamingResponse(
-                    self._events(request, parsed, plan, prefill),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
-            completion = await unless_disconnected(request, self.engine.complete(plan))
-        except ServingError as error:
-            return error_response(error)
-        if completion is None:  # the client hung up; nobody reads this
-            return error_response(InvalidRequest("Client disconnected."))
-        answer: dict[str, Any] = {"generated_text": self._full_text(parsed, completion.text)}
-        if parsed.wants_details:
-            answer["details"] = self._details(plan, completion, list(completion.token_logprobs), prefill)
-        return JSONResponse([answer])
-
-    @staticmethod
-    def parse(body: dict[str, Any]) -> TgiRequest:
+    def parse(self, body: dict[str, Any]) -> TgiRequest:
         try:
             parsed = TgiRequest.model_validate(body)
         except pydantic.ValidationError as exc:
@@ -93,17 +65,22 @@ class TgiService:
         parsed.check_supported()
         return parsed
 
-    def plan(self, parsed: TgiRequest) -> GenerationPlan:
-        prompt_ids = self.engine.tokenize(parsed.inputs)
-        if parsed.parameters.truncate is not None:  # TGI keeps the last `truncate` tokens of the input
-            prompt_ids = prompt_ids[-parsed.parameters.truncate :]
-        return self.engine.plan(prompt_ids, parsed.sampling_params())[0]
+    def error(self, error: ServingError) -> Response:
+        return JSONResponse(status_code=error.status_code, content=error_payload(error))
 
-    async def _prefill(self, parsed: TgiRequest, plan: GenerationPlan) -> list[dict[str, Any]]:
-        if not (parsed.wants_details and parsed.parameters.decoder_input_details):
+    def answer(self, parsed: TgiRequest, valid: ValidRequest, outcome: Outcome) -> Response:
+        completion = outcome.completions[0]
+        answer: dict[str, Any] = {"generated_text": self._full_text(parsed, completion.text)}
+        if parsed.wants_details:
+            prefill = self._prefill(valid, outcome.prompt_scores.get(0))
+            answer["details"] = self._details(valid, completion, list(completion.token_logprobs), prefill)
+        return JSONResponse([answer])
+
+    def _prefill(self, valid: ValidRequest, scores: list[TokenLogprob] | None) -> list[dict[str, Any]]:
+        """The prompt's tokens with their logprobs (``decoder_input_details``); the first has none."""
+        if scores is None:
             return []
-        scores = await self.engine.score_prompt(plan.prompt_ids)
-        first = plan.prompt_ids[0]
+        first = valid.prompts[0].prompt_ids[0]
         return [{"id": first, "text": self.texts.text_of(first), "logprob": None}] + [
             {"id": s.token_id, "text": self.texts.text_of(s.token_id), "logprob": s.logprob} for s in scores
         ]
@@ -122,11 +99,12 @@ class TgiService:
 
     def _details(
         self,
-        plan: GenerationPlan,
+        valid: ValidRequest,
         completion: Completion,
         entries: list[TokenLogprob],
         prefill: list[dict[str, Any]],
     ) -> dict[str, Any]:
+        plan = valid.plans[0]
         details: dict[str, Any] = {
             "finish_reason": FINISH_REASONS[completion.finish_reason],
             "generated_tokens": completion.completion_tokens,
@@ -144,38 +122,32 @@ class TgiService:
             ]
         return details
 
-    async def _events(
-        self, request: Request, parsed: TgiRequest, plan: GenerationPlan, prefill: list[dict[str, Any]]
+    async def stream(
+        self, parsed: TgiRequest, valid: ValidRequest, events: AsyncIterator[ChoiceEvent]
     ) -> AsyncIterator[bytes]:
         """One event per token; the last token's event also carries the text and the details."""
-        finished: list[Completion] = []
         entries: list[TokenLogprob] = []
         pending: dict[str, Any] | None = None
-        try:
-            async for delta in self.engine.stream(
-                plan, on_complete=finished.append, client_gone=request.is_disconnected
-            ):
+        async for event in events:
+            if isinstance(event, ChoiceDelta):
+                delta = event.delta
                 last = len(delta.token_logprobs) - 1
                 for i, entry in enumerate(delta.token_logprobs):
                     if pending is not None:
-                        yield _sse(pending)
+                        yield sse(pending)
                     entries.append(entry)
                     # The delta's text goes with its last token (the others are parts of a character, or
                     # held back by a possible stop sequence): concatenated, tokens give generated_text.
                     token = {**self._token(entry), "text": delta.text if i == last else ""}
                     pending = {"index": len(entries), "token": token, "generated_text": None, "details": None}
-            if not finished:  # the client left
-                return
-            completion = finished[0]
-            if pending is None:  # nothing generated (immediate end of text)
-                return
-            pending["generated_text"] = self._full_text(parsed, completion.text)
-            if parsed.wants_details:
-                details = self._details(plan, completion, entries, prefill)
-                pending["details"] = {k: details[k] for k in ("finish_reason", "generated_tokens", "seed")}
-            yield _sse(pending)
-        except ServingError as error:
-            logger.warning("TGI stream ended by error: %s", error.message)
-            if pending is not None:
-                yield _sse(pending)
-            yield _sse(error_payload(error))
+            elif event.error is not None:
+                logger.warning("TGI stream ended by error: %s", event.error.message)
+                if pending is not None:
+                    yield sse(pending)
+                yield sse(error_payload(event.error))
+            elif event.completion is not None and pending is not None:  # else: the client left, or nothing came
+                pending["generated_text"] = self._full_text(parsed, event.completion.text)
+                if parsed.wants_details:
+                    details = self._details(valid, event.completion, entries, [])
+                    pending["details"] = {k: details[k] for k in ("finish_reason", "generated_tokens", "seed")}
+                yield sse(pending)

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
+from starcoder_serving.api.common_fields import stop_sequences
+from starcoder_serving.engine.request import FieldNames, GenerationRequest, OutputOptions, TextPrompt
 from starcoder_serving.engine.sampling_params import (
     MAX_TOP_LOGPROBS,
     AdditivePenalty,
@@ -45,7 +47,8 @@ class TgiParameters(pydantic.BaseModel):
     repetition_penalty: RepetitionPenalty | None = None
     frequency_penalty: AdditivePenalty | None = None
     seed: Seed | None = None
-    stop: Annotated[list[StrictStr], Field(max_length=64)] | None = None
+    # Any number here: validation refuses more than max_stop_sequences with a message giving the limit.
+    stop: list[StrictStr] | None = None
     return_full_text: StrictBool | None = None
     details: StrictBool | None = None
     decoder_input_details: StrictBool | None = None
@@ -79,7 +82,20 @@ class TgiRequest(pydantic.BaseModel):
     def wants_details(self) -> bool:
         return bool(self.parameters.details)
 
-    def sampling_params(self) -> SamplingParams:
+    def to_request(self) -> GenerationRequest:
+        p = self.parameters
+        return GenerationRequest(
+            prompts=(TextPrompt(self.inputs, field="inputs"),),
+            sampling=self._sampling_params(),
+            # The prompt's own tokens are scored for `prefill`, which only a whole answer's details carry.
+            output=OutputOptions(
+                stream=self.stream, score_prompt=bool(p.details and p.decoder_input_details and not self.stream)
+            ),
+            names=TGI_NAMES,
+            truncate_prompt=p.truncate,
+        )
+
+    def _sampling_params(self) -> SamplingParams:
         """TGI's meaning: sampling is on when do_sample is, or when any sampling warper is set."""
         p = self.parameters
         values: dict[str, Any] = {"logprobs": p.top_n_tokens or 0}  # every token's logprob (details, streams)
@@ -87,7 +103,7 @@ class TgiRequest(pydantic.BaseModel):
             if getattr(p, name) is not None:
                 values[name] = getattr(p, name)
         if p.stop:
-            values["stop"] = tuple(p.stop)
+            values["stop"] = stop_sequences(p.stop)
         warpers = {
             "temperature": p.temperature if p.temperature not in (None, 1.0) else None,
             "top_k": p.top_k if p.top_k else None,
@@ -99,3 +115,9 @@ class TgiRequest(pydantic.BaseModel):
             values["top_k"] = 0  # TGI applies no top-k unless asked (transformers' default is 50)
             values.update({name: value for name, value in warpers.items() if value is not None})
         return SamplingParams.model_validate(values)
+
+
+# Every parameter is a field of `parameters`.
+TGI_NAMES = FieldNames(
+    {**{name: f"parameters.{name}" for name in TgiParameters.model_fields}, "logprobs": "parameters.top_n_tokens"}
+)

@@ -46,10 +46,11 @@ from typing import Any, ClassVar
 import numpy
 import torch
 
-from starcoder_serving.engine.jobs import GenerationPlan, TokenLogprob
+from starcoder_serving.engine.jobs import GenerationPlan
 from starcoder_serving.engine.sampling_params import MAX_TOP_LOGPROBS
 from starcoder_serving.engine.transformers_compat import BatchRequest, ContinuousBatchingLogitsProcessor
 from starcoder_serving.errors import GenerationFailed, Overloaded, ServingError
+from starcoder_serving.events import TokenLogprob
 
 logger = logging.getLogger(__name__)
 

@@ -48,9 +48,10 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from starcoder_serving.engine import transformers_compat as compat
 from starcoder_serving.engine.batch_sampler import BatchSampler
-from starcoder_serving.engine.jobs import DoneEvent, Event, FinishReason, Job, PacedDelivery, TokenEvent, TokenLogprob
+from starcoder_serving.engine.jobs import Job, PacedDelivery
 from starcoder_serving.engine.transformers_compat import GenerationOutput, OutputRouter
 from starcoder_serving.errors import GenerationFailed, InvalidRequest, Overloaded
+from starcoder_serving.events import DoneEvent, Event, FinishReason, TokenEvent, TokenLogprob
 
 logger = logging.getLogger(__name__)
 

@@ -18,15 +18,17 @@ from typing import Any
 
 from starcoder_serving.engine import cpu_threads, transformers_compat
 from starcoder_serving.engine.generate_worker import GenerateWorker
-from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenLogprob
-from starcoder_serving.engine.path_choice import Path as GenerationPath
-from starcoder_serving.engine.path_choice import Route, choose_path
+from starcoder_serving.engine.jobs import GenerationPlan, Job
+from starcoder_serving.engine.path_choice import GenerationPath, Route, choose_path
+from starcoder_serving.engine.request import GenerationRequest
 from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.engine.validation import RequestValidator, ValidRequest
 from starcoder_serving.errors import InvalidRequest, Overloaded
+from starcoder_serving.events import DoneEvent, FinishReason, TokenLogprob
 from starcoder_serving.family.profile import ModelProfile
 from starcoder_serving.settings import ServingSettings
 from starcoder_serving.text.assembler import Completion, CompletionCallback, TextAssembler, TextDelta
-from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate, RenderedPrompt
+from starcoder_serving.text.prompts import ChatRenderer, InstructionTemplate
 
 __all__ = ["ClientGone", "Completion", "CompletionCallback", "Engine", "TextDelta", "wait_until_gone"]
 
@@ -81,7 +83,18 @@ class Engine:
         # a request inherits what it does not set, e.g. the top_k=50 that do_sample=True implies.
         defaults = transformers_compat.default_generation_params(model.generation_config)
         defaults.update({k: v for k, v in model.generation_config.to_dict().items() if v is not None})
-        self._generation_defaults = SamplingParams.inheritable(defaults)
+        self.validator = RequestValidator(
+            settings=settings,
+            model_name=self.model_name,
+            context_window=self.context_window,
+            vocab_size=self.vocab_size,
+            tokenize=self.tokenize,
+            decode=lambda ids: str(tokenizer.decode(ids)),
+            fim=self.profile.fim,
+            chat=self.chat,
+            instructions=self.instructions,
+            generation_defaults=SamplingParams.inheritable(defaults),
+        )
         self._admitted = 0
         self._thread_tokenizers = threading.local()
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
@@ -151,15 +164,6 @@ class Engine:
 
     # ---- planning: everything that can be refused is refused here, before any token is generated ----
 
-    def render_fim(self, prefix: str, suffix: str, param: str) -> RenderedPrompt:
-        """A fill-in-the-middle prompt in this model's FIM tokens; refused when its vocabulary has none."""
-        if self.profile.fim is None:
-            raise InvalidRequest(
-                f"`{param}`: this model ({self.model_name}) has no fill-in-the-middle tokens; send a plain prompt.",
-                param=param,
-            )
-        return self.profile.fim.render(prefix, suffix)
-
     def tokenize(self, text: str) -> list[int]:
         # Requests are planned on the event loop (small ones) and in worker threads (long prompts). A Rust
         # tokenizer may be borrowed mutably by one encode at a time, and a lock would make the event loop wait
@@ -169,103 +173,13 @@ class Engine:
             tokenizer = self._thread_tokenizers.tokenizer = copy.deepcopy(self.tokenizer)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def validate(self, request: GenerationRequest) -> ValidRequest:
+        """The one validation stage (validation.py): every limit and rule checked, every prompt planned."""
+        return self.validator.validate(request)
+
     def plan(self, prompt_ids: list[int], sampling: SamplingParams) -> list[GenerationPlan]:
-        """One plan per sequence (``n`` of them), with every limit checked: what can be refused is refused
-        here, before any token is generated. Messages use transformers' names; routes rename them."""
-        settings = self.settings
-        prompt_tokens = len(prompt_ids)
-        if prompt_tokens == 0:
-            raise InvalidRequest("The prompt encodes to no tokens; send some text.", param="prompt")
-        room = self.context_window - prompt_tokens
-        if room <= 0:
-            raise InvalidRequest(
-                f"The prompt has {prompt_tokens} tokens, which fills the {self.context_window}-token context "
-                "window; shorten it so there is room to generate.",
-                param="prompt",
-            )
-        max_new_tokens, length_param = sampling.max_new_tokens, "max_new_tokens"
-        if max_new_tokens is None and sampling.max_length is not None:  # as in transformers, max_new_tokens wins
-            max_new_tokens, length_param = sampling.max_length - prompt_tokens, "max_length"
-            if max_new_tokens <= 0:
-                raise InvalidRequest(
-                    f"`max_length` ({sampling.max_length}) counts the prompt, which already has {prompt_tokens} "
-                    "tokens; send a larger max_length or use max_new_tokens.",
-                    param="max_length",
-                )
-        if max_new_tokens is None:
-            max_new_tokens = min(settings.default_max_new_tokens, room)
-        if max_new_tokens > settings.max_new_tokens_cap:
-            raise InvalidRequest(
-                f"`{length_param}` asks for {max_new_tokens} new tokens, above this server's cap of "
-                f"{settings.max_new_tokens_cap}; send at most {settings.max_new_tokens_cap} new tokens.",
-                param=length_param,
-            )
-        if prompt_tokens + max_new_tokens > self.context_window:
-            raise InvalidRequest(
-                f"The prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were requested: "
-                f"{prompt_tokens + max_new_tokens} > the {self.context_window}-token context window. Send "
-                f"{length_param} <= {room if length_param == 'max_new_tokens' else self.context_window} "
-                "or a shorter prompt.",
-                param=length_param,
-            )
-        min_new_tokens, min_param = sampling.min_new_tokens, "min_new_tokens"
-        if sampling.min_length is not None and "min_new_tokens" not in sampling.model_fields_set:
-            min_new_tokens, min_param = max(0, sampling.min_length - prompt_tokens), "min_length"
-        if min_new_tokens > max_new_tokens:
-            counted = f" ({prompt_tokens} prompt tokens + {min_new_tokens} new)" if min_param == "min_length" else ""
-            raise InvalidRequest(
-                f"`{min_param}` asks for at least {min_new_tokens} new tokens{counted}, more than the "
-                f"{max_new_tokens} allowed by {length_param}; lower it or raise {length_param}.",
-                param=min_param,
-            )
-        if sampling.num_beams > settings.max_num_beams:
-            raise InvalidRequest(f"`num_beams` must be <= {settings.max_num_beams}.", param="num_beams")
-        self._check_fan_out(sampling)
-        for name, ids in sampling.token_ids().items():
-            bad = [i for i in ids if i >= self.vocab_size]
-            if bad:
-                raise InvalidRequest(
-                    f"`{name}` names token ids {bad[:5]} outside the vocabulary (0..{self.vocab_size - 1}).",
-                    param=name,
-                )
-        self._check_stop(sampling.stop)
-        try:
-            sampling.model_copy(update={"max_new_tokens": max_new_tokens}).check_with_transformers()
-        except ValueError as exc:
-            message = str(exc).split("\nIf you're using a pretrained model")[0].strip()
-            raise InvalidRequest(f"Invalid generation parameters: {message}") from None
-        resolved = sampling.with_model_defaults(self._generation_defaults).model_copy(
-            update={
-                "max_new_tokens": max_new_tokens,
-                "max_length": None,
-                "min_new_tokens": min_new_tokens,
-                "min_length": None,
-            }
-        )
-        return [GenerationPlan(list(prompt_ids), resolved.for_sequence(i)) for i in range(sampling.n)]
-
-    def _check_fan_out(self, sampling: SamplingParams) -> None:
-        limit = self.settings.max_num_return_sequences
-        if sampling.n > limit:
-            raise InvalidRequest(f"`num_return_sequences` must be <= {limit}.", param="num_return_sequences")
-        if sampling.n > 1 and sampling.beam_search:
-            raise InvalidRequest(
-                "`num_return_sequences` > 1 cannot be combined with num_beams on this server; send one of them.",
-                param="num_return_sequences",
-            )
-
-    def _check_stop(self, stop: list[str] | tuple[str, ...]) -> None:
-        settings = self.settings
-        if len(stop) > settings.max_stop_sequences:
-            raise InvalidRequest(
-                f"`stop` has {len(stop)} sequences; send at most {settings.max_stop_sequences}.", param="stop"
-            )
-        for sequence in stop:
-            if not sequence or len(sequence) > settings.max_stop_sequence_chars:
-                raise InvalidRequest(
-                    f"Each `stop` sequence must have 1 to {settings.max_stop_sequence_chars} characters.",
-                    param="stop",
-                )
+        """Plans for a prompt already in tokens, checked by the same rules (transformers' names in errors)."""
+        return self.validator.plan(prompt_ids, sampling)
 
     # ---- running ----
 
@@ -385,7 +299,7 @@ class Engine:
     async def score_prompt(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it (the first has none, so n - 1 entries),
         with the ``top`` most likely alternatives: one forward pass, with the model to itself."""
-        if len(prompt_ids) > self.context_window:
+        if len(prompt_ids) > self.context_window:  # validation refuses such a prompt; this guards the forward pass
             raise InvalidRequest(
                 f"The prompt has {len(prompt_ids)} tokens; at most {self.context_window} can be scored.",
                 param="prompt",

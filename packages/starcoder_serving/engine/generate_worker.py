@@ -33,9 +33,10 @@ from transformers import (
     SuppressTokensLogitsProcessor,
 )
 
-from starcoder_serving.engine.jobs import DoneEvent, FinishReason, GenerationPlan, Job, TokenEvent, TokenLogprob
+from starcoder_serving.engine.jobs import GenerationPlan, Job
 from starcoder_serving.engine.transformers_compat import BaseStreamer
 from starcoder_serving.errors import GenerationFailed, Overloaded
+from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent, TokenLogprob
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import itertools
 import math
 import threading
@@ -12,13 +11,7 @@ import time
 import weakref
 
 from starcoder_serving.engine.sampling_params import SamplingParams
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # a stop sequence was generated
-    LENGTH = "length"  # max_new_tokens (or max_time) reached
-    EOS = "eos"  # the model ended the text (<|endoftext|> or another end token)
-    CANCELLED = "cancelled"  # the client went away
+from starcoder_serving.events import DoneEvent, Event, FinishReason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,30 +43,6 @@ class GenerationPlan:
         """None: no logprobs; 0: only the chosen token's; k: also the k most likely."""
         return self.sampling.logprobs
 
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """New tokens of one sequence, in order: those of one step while a job streams, every token at once at the
-    end of a quiet job. ``logprobs`` has one entry per token when the plan asked for logprobs, else none."""
-
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class DoneEvent:
-    reason: FinishReason | None = None  # None when failed
-    error: Exception | None = None
-
-
-Event = TokenEvent | DoneEvent
 
 _job_ids = itertools.count(1)
 

@@ -41,22 +41,24 @@ import enum
 from starcoder_serving.engine.sampling_params import SamplingParams
 
 
-class Path(str, enum.Enum):
+class GenerationPath(str, enum.Enum):
     BATCHED = "batched"
     GENERATE = "generate"
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    path: Path
+    path: GenerationPath
     reason: str
 
 
 def choose_path(sampling: SamplingParams, *, continuous_batching: bool = True, async_batching: bool = False) -> Route:
     if not continuous_batching:
-        return Route(Path.GENERATE, "continuous batching is disabled")
+        return Route(GenerationPath.GENERATE, "continuous batching is disabled")
     if sampling.beam_search:
-        return Route(Path.GENERATE, "num_beams > 1 (beam search)")
+        return Route(GenerationPath.GENERATE, "num_beams > 1 (beam search)")
     if async_batching and sampling.needs_host_history:
-        return Route(Path.GENERATE, "asynchronous batching: n-gram / multi-token bans or logprobs need the last token")
-    return Route(Path.BATCHED, "greedy" if sampling.greedy else "sampling")
+        return Route(
+            GenerationPath.GENERATE, "asynchronous batching: n-gram / multi-token bans or logprobs need the last token"
+        )
+    return Route(GenerationPath.BATCHED, "greedy" if sampling.greedy else "sampling")

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from starcoder_serving.engine.jobs import DoneEvent, FinishReason, TokenEvent, TokenLogprob
+from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent, TokenLogprob
 from starcoder_serving.text.detokenizer import IncrementalDetokenizer
 from starcoder_serving.text.stop_sequences import StopSequenceMatcher
 

@@ -1,0 +1,210 @@
+"""One request's life, the same for every protocol: body, parse, validate, capacity, stream or complete,
+disconnect, render.
+
+A protocol (predict, TGI, OpenAI completions and chat) only parses its body into its schema and renders what comes
+back (``RouteProtocol``); everything between is here, once:
+
+* **Validate** off the event loop when the body is large (``http_body.plan_request``): the engine's one
+  validation stage (``engine/validation.py``) refuses whatever can be refused, with the protocol's field names.
+* **Refuse before a stream starts**: a stream's response begins only once all its sequences are admitted and the
+  first event of generation is back (a token, the end, or an error). A full queue or a failed prefill is then a
+  status code, not a stream that ends at once; after that, an error can only end the stream, as its protocol says.
+* **Disconnect**: a client that hangs up cancels its generation within one poll interval, streamed or not.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from starcoder_serving.api.http_body import plan_request, read_json_object, unless_disconnected
+from starcoder_serving.engine.engine import ClientGone, Engine
+from starcoder_serving.engine.request import GenerationRequest
+from starcoder_serving.engine.validation import Choice, ValidRequest
+from starcoder_serving.errors import InvalidRequest, ServingError
+from starcoder_serving.events import FinishReason, TokenLogprob
+from starcoder_serving.text.assembler import Completion, TextDelta
+
+
+class Parsed(Protocol):
+    """A route's schema, parsed: it describes itself in the engine's terms."""
+
+    def to_request(self) -> GenerationRequest: ...
+
+
+ParsedT = TypeVar("ParsedT", bound=Parsed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A finished request: one completion per choice (empty for a prompt only scored) and, when asked, each
+    prompt's own tokens scored (by prompt index; entries for tokens 1..n-1)."""
+
+    completions: list[Completion]
+    prompt_scores: dict[int, list[TokenLogprob]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceDelta:
+    choice: Choice
+    delta: TextDelta
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceEnd:
+    """A streamed choice is over: completed, failed, or (neither) cut off by the client leaving."""
+
+    choice: Choice
+    completion: Completion | None = None
+    error: ServingError | None = None
+
+
+ChoiceEvent = ChoiceDelta | ChoiceEnd
+
+
+class RouteProtocol(abc.ABC, Generic[ParsedT]):
+    """How one protocol reads a body and writes its answers."""
+
+    # A body shown to a client whose body is not JSON.
+    example: ClassVar[str]
+    stream_media_type: ClassVar[str] = "text/event-stream"
+    stream_headers: ClassVar[Mapping[str, str]] = {}
+
+    @abc.abstractmethod
+    def parse(self, body: dict[str, Any]) -> ParsedT:
+        """The body in this protocol's schema; an ``InvalidRequest`` naming the field otherwise."""
+
+    @abc.abstractmethod
+    def error(self, error: ServingError) -> Response:
+        """An error before any answer was sent, in this protocol's shape and with its status code."""
+
+    @abc.abstractmethod
+    def answer(self, parsed: ParsedT, valid: ValidRequest, outcome: Outcome) -> Any:
+        """The whole answer of a request that was not streamed."""
+
+    @abc.abstractmethod
+    def stream(self, parsed: ParsedT, valid: ValidRequest, events: AsyncIterator[ChoiceEvent]) -> AsyncIterator[bytes]:
+        """The body of a streamed answer. ``events`` ends after a ``ChoiceEnd`` with an error (to be said in the
+        protocol's way) or without a completion (the client left: nobody reads on)."""
+
+
+async def serve(
+    protocol: RouteProtocol[ParsedT], engine: Engine, request: Request, body: dict[str, Any] | None = None
+) -> Any:
+    """One request, start to end. ``body``: already read (predict reads it to tell its two protocols apart)."""
+    try:
+        if body is None:
+            body = await read_json_object(request, protocol.example)
+        parsed = protocol.parse(body)
+        valid = await plan_request(request, _validate, engine, parsed)
+        if valid.request.output.stream:
+            return await _start_stream(protocol, engine, request, parsed, valid)
+        outcome = await unless_disconnected(request, _complete(engine, valid))
+    except ServingError as error:
+        return protocol.error(error)
+    if outcome is None:  # the client hung up; nobody reads this
+        return protocol.error(InvalidRequest("Client disconnected."))
+    return protocol.answer(parsed, valid, outcome)
+
+
+def _validate(engine: Engine, parsed: Parsed) -> ValidRequest:
+    return engine.validate(parsed.to_request())
+
+
+async def _complete(engine: Engine, valid: ValidRequest) -> Outcome:
+    scores: dict[int, list[TokenLogprob]] = {}
+    if valid.request.output.score_prompt:  # one forward pass per prompt, however many choices it has
+        top = valid.request.sampling.logprobs or 0
+        for prompt in valid.prompts:
+            scores[prompt.index] = await engine.score_prompt(prompt.prompt_ids, top)
+    generated = iter(await engine.complete_all(valid.plans))
+    completions = [
+        next(generated)
+        if choice.plan is not None
+        else Completion("", FinishReason.LENGTH, len(choice.prompt.prompt_ids), 0)
+        for choice in valid.choices
+    ]
+    return Outcome(completions, scores)
+
+
+async def _start_stream(
+    protocol: RouteProtocol[ParsedT], engine: Engine, request: Request, parsed: ParsedT, valid: ValidRequest
+) -> StreamingResponse:
+    engine.check_capacity(len(valid.plans))  # all of the request's sequences, or none
+    events = choice_events(engine, valid.choices, request.is_disconnected)
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:  # the client left before anything came back
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+    if isinstance(first, ChoiceEnd) and first.error is not None:
+        await events.aclose()
+        raise first.error
+
+    async def resumed() -> AsyncIterator[ChoiceEvent]:
+        async with contextlib.aclosing(events):
+            if first is not None:
+                yield first
+            async for event in events:
+                yield event
+
+    return StreamingResponse(
+        protocol.stream(parsed, valid, resumed()),
+        media_type=protocol.stream_media_type,
+        headers=dict(protocol.stream_headers),
+    )
+
+
+async def choice_events(
+    engine: Engine, choices: tuple[Choice, ...], client_gone: ClientGone
+) -> AsyncIterator[ChoiceEvent]:
+    """Every choice's events. One choice (the usual request) is read directly; several generate at once, so they
+    share the batch, as tasks whose events interleave as they are produced. Ends at a choice's error or a client
+    that left (the other choices are cancelled)."""
+    if len(choices) == 1:
+        async with contextlib.aclosing(_one_choice(engine, choices[0], client_gone)) as events:
+            async for event in events:
+                yield event
+        return
+    queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        async with contextlib.aclosing(_one_choice(engine, choice, client_gone)) as events:
+            async for event in events:
+                queue.put_nowait(event)
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    running = len(tasks)
+    try:
+        while running:
+            event = await queue.get()
+            yield event
+            if isinstance(event, ChoiceEnd):
+                if event.error is not None or event.completion is None:
+                    return
+                running -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _one_choice(engine: Engine, choice: Choice, client_gone: ClientGone) -> AsyncIterator[ChoiceEvent]:
+    assert choice.plan is not None, "validation refuses to stream a prompt that is only scored"
+    finished: list[Completion] = []
+    try:
+        async for delta in engine.stream(choice.plan, on_complete=finished.append, client_gone=client_gone):
+            yield ChoiceDelta(choice, delta)
+    except ServingError as error:
+        yield ChoiceEnd(choice, error=error)
+        return
+    yield ChoiceEnd(choice, completion=finished[0] if finished else None)
