@@ -1,12 +1,11 @@
-"""Client-disconnect handling: whoever notices first, the generation behind a stream is closed."""
+"""Client-disconnect handling: whoever notices first, the work behind a request is cancelled."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
-from starcoder_serving.api.http_body import until_disconnected
+from starcoder_serving.api.http_body import unless_disconnected
 
 
 class Client:
@@ -19,41 +18,41 @@ class Client:
         return self.gone
 
 
-async def endless(closed: list[bool]) -> AsyncIterator[int]:
+async def an_hour(cancelled: list[bool]) -> int:
     try:
-        yield 1
         await asyncio.sleep(3600)  # a generation that would go on for an hour
-        yield 2
-    finally:
-        closed.append(True)
+    except asyncio.CancelledError:
+        cancelled.append(True)
+        raise
+    return 1
 
 
-def test_a_disconnect_closes_the_source() -> None:
-    async def scenario() -> tuple[list[int], list[bool]]:
-        client, closed, seen = Client(), [], []
-        async for item in until_disconnected(client, endless(closed)):
-            seen.append(item)
-            client.gone = True
-        return seen, closed
+def test_a_disconnect_cancels_the_work() -> None:
+    async def scenario() -> tuple[int | None, list[bool]]:
+        client, cancelled = Client(), []
+        asyncio.get_running_loop().call_later(0.1, setattr, client, "gone", True)
+        return await unless_disconnected(client, an_hour(cancelled)), cancelled
 
-    assert asyncio.run(scenario()) == ([1], [True])
+    assert asyncio.run(scenario()) == (None, [True])
 
 
-def test_cancelling_the_consumer_also_closes_the_source() -> None:
+def test_work_that_ends_first_gives_its_result() -> None:
+    async def quick() -> int:
+        return 7
+
+    assert asyncio.run(unless_disconnected(Client(), quick())) == 7
+
+
+def test_cancelling_the_waiter_also_cancels_the_work() -> None:
     """Starlette cancels the response task when it sees the disconnect before our watcher does."""
 
     async def scenario() -> list[bool]:
-        closed: list[bool] = []
-
-        async def consume() -> None:
-            async for _ in until_disconnected(Client(), endless(closed)):
-                pass
-
-        task = asyncio.create_task(consume())
+        cancelled: list[bool] = []
+        task = asyncio.create_task(unless_disconnected(Client(), an_hour(cancelled)))
         await asyncio.sleep(0.2)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return closed
+        return cancelled
 
     assert asyncio.run(scenario()) == [True]

@@ -31,3 +31,10 @@ class Overloaded(ServingError):
 
 class GenerationFailed(ServingError):
     status_code = 500
+
+
+def out_of_memory() -> Overloaded:
+    """The accelerator ran out of memory for one request (either generation path): retryable, with the fixes."""
+    return Overloaded(
+        "The GPU ran out of memory for this request. Retry, or send a shorter prompt, fewer new tokens or fewer beams."
+    )

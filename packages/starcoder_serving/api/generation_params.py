@@ -93,6 +93,3 @@ class GenerationParameters(pydantic.BaseModel):
     def set_parameters(self) -> dict[str, Any]:
         """Only what the client sent, so the model's own generation defaults still apply."""
         return self.model_dump(include=set(GenerationParameters.model_fields) & self.model_fields_set)
-
-
-GENERATION_PARAMETER_NAMES: frozenset[str] = frozenset(GenerationParameters.model_fields)

@@ -1,4 +1,4 @@
-"""Small HTTP helpers shared by every route: body parsing and client-disconnect handling."""
+"""Small HTTP helpers of the request lifecycle: body parsing, planning off the loop, and client disconnects."""
 
 from __future__ import annotations
 
@@ -109,44 +109,16 @@ def _check_strings(value: Any, path: str, depth: int) -> None:
 
 
 async def unless_disconnected(request: DisconnectAware, work: Awaitable[T]) -> T | None:
-    """``work``'s result, or None (with ``work`` cancelled) if the client disconnects first."""
-
-    async def one() -> AsyncIterator[T]:
-        yield await work
-
-    async for result in until_disconnected(request, one()):
-        return result
-    return None
-
-
-async def until_disconnected(request: DisconnectAware, items: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Yield from ``items`` until it ends or the client disconnects; then close ``items``.
-
-    Closing the engine's stream cancels its generation, so a client that hangs up stops using the GPU
-    within one poll interval (plus one token).
-    """
-
+    """``work``'s result, or None if the client disconnects first. Either way nothing is left running: ``work`` is
+    cancelled when the client leaves, or when the server cancels us (starlette noticed the disconnect first)."""
+    task = asyncio.ensure_future(work)
     watcher = asyncio.create_task(wait_until_gone(request.is_disconnected))
-    next_item: asyncio.Future[T] | None = None
     try:
-        while True:
-            next_item = asyncio.ensure_future(anext(items))
-            await asyncio.wait({next_item, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_item.done():  # the client went away first
-                return
-            try:
-                item = next_item.result()
-            except StopAsyncIteration:
-                return
-            yield item
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task.done() else None
     finally:
-        # Also reached when the server cancels us (e.g. starlette noticed the disconnect first): the
-        # pending `anext` must be cancelled before `items` can be closed, or the generation runs on.
         watcher.cancel()
-        if next_item is not None and not next_item.done():
-            next_item.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await next_item
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -120,6 +120,17 @@ class SamplingParams(pydantic.BaseModel):
             return self
         return SamplingParams.model_validate({**inherited, **self.model_dump(include=self.model_fields_set)})
 
+    def with_lengths(self, max_new_tokens: int, min_new_tokens: int) -> SamplingParams:
+        """The lengths validation resolved for one prompt, as new-token counts (``max_length`` and ``min_length``,
+        which count the prompt, are gone)."""
+        update = {
+            "max_new_tokens": max_new_tokens,
+            "max_length": None,
+            "min_new_tokens": min_new_tokens,
+            "min_length": None,
+        }
+        return self.model_copy(update=update)
+
     def check_with_transformers(self) -> None:
         """Let ``GenerationConfig.validate`` judge the combination the client sent (for example a
         temperature without sampling); raises ``ValueError`` with transformers' own explanation."""

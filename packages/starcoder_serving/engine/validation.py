@@ -246,15 +246,9 @@ class RequestValidator:
         except ValueError as exc:
             message = str(exc).split("\nIf you're using a pretrained model")[0].strip()
             raise InvalidRequest(f"Invalid generation parameters: {message}") from None
-        update: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "max_length": None,
-            "min_new_tokens": min_new_tokens,
-            "min_length": None,
-        }
+        resolved = sampling.with_model_defaults(self._generation_defaults).with_lengths(max_new_tokens, min_new_tokens)
         if implied_stop:
-            update["stop"] = (*sampling.stop, *implied_stop)
-        resolved = sampling.with_model_defaults(self._generation_defaults).model_copy(update=update)
+            resolved = resolved.model_copy(update={"stop": (*sampling.stop, *implied_stop)})
         return [GenerationPlan(list(prompt_ids), resolved.for_sequence(i)) for i in range(sampling.n)]
 
     def _lengths(self, sampling: SamplingParams, prompt_tokens: int, name: FieldNames) -> tuple[int, int]:
