@@ -302,3 +302,25 @@ def test_the_sdks_own_assistant_message_round_trips(client: OpenAI) -> None:
             messages=[*messages[:1], {**dumped, "tool_calls": [{"id": "1", "type": "function"}]}, messages[-1]],
             max_tokens=2,
         )
+
+
+def test_ignore_eos_generates_to_the_token_limit(client: OpenAI) -> None:
+    """vLLM's ignore_eos, as benchmark clients send it (the SDK's extra_body): exactly max_tokens tokens."""
+    prompt = "def compute_fib(n):"  # the tiny model's greedy text ends well before 200 tokens
+    ended = client.completions.create(model="starcoder", prompt=prompt, max_tokens=200, temperature=0)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage is not None
+    assert ended.usage.completion_tokens < 200
+    full = client.completions.create(
+        model="starcoder", prompt=prompt, max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert full.choices[0].finish_reason == "length" and full.usage is not None
+    assert full.usage.completion_tokens == 200
+    assert full.choices[0].text.startswith(ended.choices[0].text)
+    chat = client.chat.completions.create(
+        model="starcoder",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.usage is not None and chat.usage.completion_tokens == 12

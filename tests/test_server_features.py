@@ -122,6 +122,9 @@ def test_finish_reasons_and_token_counts(server: RunningServer) -> None:
     assert (data["finish_reason"], data["completion_tokens"]) == ("length", 7)
     data = complete(server, {"prompt": "def compute_fib(n):", "max_new_tokens": 200})
     assert data["finish_reason"] == "eos" and data["completion_tokens"] < 200
+    # vLLM's ignore_eos: the same prompt, generated to its limit.
+    data = complete(server, {"prompt": "def compute_fib(n):", "max_new_tokens": 200, "ignore_eos": True})
+    assert (data["finish_reason"], data["completion_tokens"]) == ("length", 200)
 
 
 def test_num_return_sequences_returns_each_sample(server: RunningServer) -> None:

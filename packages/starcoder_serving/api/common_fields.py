@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pydantic
-from pydantic import StrictStr
+from pydantic import StrictBool, StrictStr
 
 from starcoder_serving.engine.sampling_params import SamplingParams, Seed
 
@@ -33,6 +33,8 @@ class CommonFields(pydantic.BaseModel):
     # Any number here: validation refuses more than max_stop_sequences with a message giving the limit.
     stop: Stop | None = None
     seed: Seed | None = None
+    # vLLM's: keep generating past the end of text, to the token limit (benchmark clients send it).
+    ignore_eos: StrictBool | None = None
 
     def sampling_values(self) -> dict[str, Any]:
         """The sent fields of this class that are ``SamplingParams`` fields too, in its terms."""

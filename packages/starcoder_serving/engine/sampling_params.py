@@ -46,6 +46,8 @@ class SamplingParams(pydantic.BaseModel):
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     max_length: Annotated[int, Field(ge=1)] | None = None
     min_new_tokens: Annotated[int, Field(ge=0)] = 0
+    # vLLM's ignore_eos (benchmark clients): generate exactly max_new_tokens, the end tokens banned until then.
+    ignore_eos: bool = False
     min_length: Annotated[int, Field(ge=0)] | None = None
     max_time: Annotated[float, Field(gt=0.0, le=600.0)] | None = None
     # Strategy.
@@ -126,7 +128,7 @@ class SamplingParams(pydantic.BaseModel):
         update = {
             "max_new_tokens": max_new_tokens,
             "max_length": None,
-            "min_new_tokens": min_new_tokens,
+            "min_new_tokens": max_new_tokens if self.ignore_eos else min_new_tokens,
             "min_length": None,
         }
         return self.model_copy(update=update)
@@ -231,6 +233,7 @@ _GENERATION_CONFIG_NAMES = frozenset(SamplingParams.model_fields) - {
     "logit_bias",
     "logprobs",
     "stop",
+    "ignore_eos",
 }
 # What a checkpoint's generation_config.json may set for every request (not lengths: planning owns them).
 _INHERITED = _GENERATION_CONFIG_NAMES - {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "max_time"}
