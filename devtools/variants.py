@@ -230,9 +230,10 @@ model_metadata:
   default_max_new_tokens: 256
   max_new_tokens_cap: 2048
 {extra}  # Continuous batching (transformers' ContinuousBatchingManager, paged KV cache): concurrent
-  # requests share every forward pass. Every request but beam search joins the batch; the routing
-  # table is in packages/starcoder_serving/engine/path_choice.py. Beam search runs one at a time
-  # through model.generate(), interleaved step by step with the batch.
+  # requests share every forward pass. Every request but beam search joins the batch (with
+  # async_batching on, also those that need their last token on the host); the routing table is in
+  # packages/starcoder_serving/engine/path_choice.py. The others run one at a time through
+  # model.generate(), interleaved step by step with the batch.
   # STARCODER_CONTINUOUS_BATCHING=0 sends everything through generate() (the one-at-a-time baseline).
   continuous_batching: true
   # KV cache: {shape.kv_arithmetic(BF16_BYTES)}.

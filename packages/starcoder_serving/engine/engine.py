@@ -102,9 +102,10 @@ class Engine:
     def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
         """Two paths share one model; see batch_worker.py for why that is safe:
 
-        * every request but beam search joins the continuous batch (path_choice.py);
-        * beam search runs through GenerateWorker's generate(), which parks the batch loop
-          (manager.pause) for each of its steps and lets the batch take one step in between.
+        * every request but beam search joins the continuous batch; with async_batching on, so do all but those
+          that need their last token on the host (path_choice.py has the table);
+        * the others run through GenerateWorker's generate(), which parks the batch loop (manager.pause) for each
+          of its steps and lets the batch take one step in between.
         """
         from starcoder_serving.engine.batch_worker import BatchedWorker
 
