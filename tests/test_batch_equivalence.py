@@ -365,10 +365,86 @@ def test_n_sequences_are_all_on_the_batch_and_seeded_ones_repeat(engine: Engine)
     assert [engine.route(p).path for p in unseeded] == [GenerationPath.BATCHED] * 4
 
 
+# ---- logprobs: the model's own distribution (vLLM's default) ----
+
+LOGPROB_TOKENS = 12
+
+
+def model_logprobs(engine: Engine, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """log_softmax of the tiny model's raw logits at each generated position, computed here directly."""
+    with torch.inference_mode():
+        ids = torch.tensor([[*prompt_ids, *tokens]], dtype=torch.long)
+        logits = engine.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def assert_raw(completion: Completion, engine: Engine, prompt_ids: list[int], k: int, label: str) -> None:
+    tokens = Bench.tokens_of(completion)
+    raw = model_logprobs(engine, prompt_ids, tokens)
+    assert len(tokens) == completion.completion_tokens > 0, label
+    for step, entry in enumerate(completion.token_logprobs):
+        where = f"{label}, token {step}"
+        assert entry.logprob == pytest.approx(float(raw[step, entry.token_id]), abs=1e-4), where
+        top = raw[step].topk(k)
+        assert [t for t, _ in entry.top] == top.indices.tolist(), where
+        assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4), where
+
+
+@pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-9}], ids=["top_k_1", "top_p_1e-9"])
+def test_logprobs_are_the_raw_distribution_on_both_paths(bench: Bench, truncation: dict[str, Any]) -> None:
+    """A token's logprob and its top alternatives are log_softmax of the model's raw logits, before logit bias,
+    penalties, temperature and truncation: the same on the batch and on generate(), and the same whatever the
+    sampling parameters (a truncation to one token does not make every logprob 0)."""
+    prompt_ids = bench.prompt_ids("fib")
+    parameters = {
+        "max_new_tokens": LOGPROB_TOKENS,
+        "do_sample": True,
+        "temperature": 0.5,
+        **truncation,
+        # Bans the plain greedy answer's first token, and favours another one.
+        "logit_bias": {bench.greedy["fib"][0]: -100.0, 300: 4.0},
+        "repetition_penalty": 1.3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "logprobs": 3,
+        "seed": 7,
+    }
+    plan = bench.plan(bench.batch, "fib", parameters)
+    assert bench.batch.route(plan).path is GenerationPath.BATCHED
+    batched = one(bench.batch, plan)
+    alone = bench.reference_answer("fib", parameters)  # generate(), continuous batching off
+    assert_same(batched, alone, f"sampled with {truncation}")
+    assert_raw(batched, bench.reference, prompt_ids, 3, f"sampled with {truncation}")
+    # The processing chose tokens the raw distribution does not favour: their logprobs are below the top one.
+    assert any(entry.logprob < entry.top[0][1] - 1e-3 for entry in batched.token_logprobs)
+    # Greedy with no other parameter: the first step sees the same context, so the same distribution.
+    greedy = one(bench.batch, bench.plan(bench.batch, "fib", {"max_new_tokens": LOGPROB_TOKENS, "logprobs": 3}))
+    assert_raw(greedy, bench.reference, prompt_ids, 3, "greedy")
+    first, first_greedy = batched.token_logprobs[0], greedy.token_logprobs[0]
+    assert first.token_id != first_greedy.token_id  # the bias changed the choice, not the distribution
+    assert [t for t, _ in first.top] == [t for t, _ in first_greedy.top]
+    assert [v for _, v in first.top] == pytest.approx([v for _, v in first_greedy.top], abs=1e-5)
+    assert first_greedy.logprob == pytest.approx(first_greedy.top[0][1], abs=1e-5)
+
+
+def test_beam_search_logprobs_are_each_token_s_raw_distribution(bench: Bench) -> None:
+    """Beam search cannot stream its steps' rows (they are beams): each token of the best beam is scored once the
+    search is done, with the same raw distribution as every other request."""
+    parameters = {"num_beams": 3, "max_new_tokens": 8, "logprobs": 2, "repetition_penalty": 1.3}
+    plan = bench.plan(bench.batch, "fn", parameters)
+    assert bench.batch.route(plan).path is GenerationPath.GENERATE
+    beams = one(bench.batch, plan)
+    assert len(beams.token_logprobs) == beams.completion_tokens
+    assert_raw(beams, bench.reference, bench.prompt_ids("fn"), 2, "beam search")
+    without = one(bench.batch, bench.plan(bench.batch, "fn", {**parameters, "logprobs": None}))
+    assert (without.text, without.completion_tokens) == (beams.text, beams.completion_tokens)
+
+
 # ---- routing ----
 
 
-def test_only_beam_search_leaves_the_batch(bench: Bench) -> None:
+def test_only_beam_search_leaves_the_synchronous_batch(bench: Bench) -> None:
+    """With async_batching on, requests that need their latest token on the host leave it too (test_batching.py)."""
     engine = bench.batch
     every = [
         *(case.parameters(bench.greedy) for case in CASES.values()),
@@ -383,7 +459,9 @@ def test_only_beam_search_leaves_the_batch(bench: Bench) -> None:
         assert engine.route(plan).path is GenerationPath.BATCHED, parameters
     beams = bench.plan(engine, "fib", {"num_beams": 2, "max_new_tokens": 6})
     assert engine.route(beams).path is GenerationPath.GENERATE
-    assert engine.route(bench.plan(engine, "fib", {"num_beams": 2, "length_penalty": 0.5})).path is GenerationPath.GENERATE
+    assert (
+        engine.route(bench.plan(engine, "fib", {"num_beams": 2, "length_penalty": 0.5})).path is GenerationPath.GENERATE
+    )
     routed = dict(engine.routed)
     assert one(engine, beams).completion_tokens > 0
     assert engine.routed[GenerationPath.GENERATE] == routed[GenerationPath.GENERATE] + 1

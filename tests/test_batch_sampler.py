@@ -209,13 +209,18 @@ class Row:
 
 
 def transformers_row(plan: GenerationPlan, tokens: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
-    """The row as generate() would process it: transformers' processors for these parameters, in their order,
-    then the generate path's own logit bias and presence/frequency penalties."""
+    """The row as generate() processes it (vLLM's order): the generate path's own logit bias, transformers'
+    repetition penalty, our presence/frequency penalties, transformers' bans and lengths, then its warpers
+    (temperature, then the truncations)."""
     p = plan.sampling
     prompt_length = len(plan.prompt_ids)
     processors = LogitsProcessorList()
+    if p.logit_bias:
+        processors.append(LogitBias(dict(p.logit_bias)))
     if p.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty=float(p.repetition_penalty)))
+    if p.presence_penalty or p.frequency_penalty:
+        processors.append(AdditivePenalties(prompt_length, p.presence_penalty, p.frequency_penalty))
     if p.no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size))
     if p.bad_words_ids:
@@ -243,10 +248,6 @@ def transformers_row(plan: GenerationPlan, tokens: Sequence[int], scores: torch.
             processors.append(EpsilonLogitsWarper(p.epsilon_cutoff))
         if p.eta_cutoff:
             processors.append(EtaLogitsWarper(p.eta_cutoff))
-    if p.logit_bias:
-        processors.append(LogitBias(dict(p.logit_bias)))
-    if p.presence_penalty or p.frequency_penalty:
-        processors.append(AdditivePenalties(prompt_length, p.presence_penalty, p.frequency_penalty))
     return processors(torch.tensor([list(tokens)], dtype=torch.long), scores.unsqueeze(0).clone())[0]
 
 
@@ -446,3 +447,55 @@ def test_a_step_of_plain_greedy_rows_leaves_the_logits_untouched() -> None:
     out = batch(scores.clone(), batch.prepare_tensor_args([row.request for row in rows]))
     assert torch.equal(out[:3], scores[:3])
     assert not torch.equal(out[3], scores[3])
+
+
+def test_logprobs_are_the_raw_distribution_for_the_rows_that_ask() -> None:
+    """vLLM's default logprobs: log_softmax of the model's raw logits, whatever the row's processing (bias,
+    penalties, temperature, a truncation that leaves one token), read for the rows that asked, each with its own
+    number of top entries, beside rows that did not ask; the chosen token is the one the manager picks."""
+    asking = {
+        "greedy": make_plan([1, 2], logprobs=2),
+        "processed": make_plan(
+            [3, 4],
+            do_sample=True,
+            temperature=0.5,
+            top_k=1,
+            logit_bias={5: 30.0},
+            repetition_penalty=1.5,
+            presence_penalty=1.0,
+            logprobs=5,
+            seed=3,
+        ),
+        "nucleus": make_plan([6], do_sample=True, top_p=1e-9, seed=4, logprobs=0),
+    }
+    quiet = {"penalised": make_plan([1], repetition_penalty=2.0), "sampled": make_plan([2], do_sample=True, seed=5)}
+    for static in (False, True):  # with CUDA graphs every row's logprobs are computed; the same ones are read
+        batch = sampler()
+        batch.static_graph = static
+        rows = [Row(name, plan) for name, plan in [*asking.items(), *quiet.items()]]
+        order = [1, 3, 0, 4, 2]  # the rows that ask are not the first ones
+        generator = torch.Generator().manual_seed(11)
+        for step in range(4):
+            scores = torch.randn((len(rows), VOCAB), generator=generator) * 3.0
+            scores[order.index(0), 7] = float("nan")  # cleaned as the processing cleans it: never chosen
+            stepped = [rows[i] for i in order]
+            out = batch(scores.clone(), batch.prepare_tensor_args([row.request for row in stepped]))
+            slots = [batch.slot_of(row.state.request_id) for row in stepped]
+            entries = batch.read_logprobs(
+                [slot for slot, row in zip(slots, stepped) if row.plan.top_logprobs is not None]
+            )
+            for i, (row, slot) in enumerate(zip(stepped, slots)):
+                chosen = int(out[i].argmax())
+                row.state.generated_tokens.append(chosen)
+                if row.plan.top_logprobs is None:
+                    continue
+                raw = torch.nan_to_num(scores[i], nan=float("-inf")).log_softmax(dim=-1)
+                entry = entries[slot]
+                where = f"{row.state.request_id} step {step} (static {static})"
+                assert entry.logprob == pytest.approx(float(raw[chosen]), abs=1e-5), where
+                top = raw.topk(row.plan.top_logprobs)
+                assert [t for t, _ in entry.top] == top.indices.tolist(), where
+                assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-5), where
+            if step == 0:  # the processing did act: the biased row chose a token the raw distribution does not favour
+                processed = order.index(1)
+                assert int(out[processed].argmax()) == 5 and int(scores[processed].argmax()) != 5

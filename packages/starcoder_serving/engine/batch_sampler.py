@@ -8,13 +8,15 @@ public extension point) that serves everything ``SamplingParams`` holds except b
   (its parameters, token counts, masks, step counter). The processor's per-request tensor argument
   is the slot index, so the forward pass reads parameters with a gather and no Python loop; the
   state lives in the same tensors from step to step, which keeps CUDA graphs possible.
-* **Order.** Logit bias first, then transformers' processors in their own order with OpenAI's
-  presence/frequency penalties after the repetition penalty (vLLM's order): repetition penalty,
-  presence/frequency, n-gram and bad-word bans, min_new_tokens, the exponential decay, suppressed
-  tokens (single-token bad words too, end tokens included); then, for sampled rows only,
-  temperature, top-k, top-p, min-p, typical, epsilon, eta. The beam-search ``generate()`` path
-  builds the same processors in the same order (``generate_worker.py``), so both paths give the
-  same greedy output for every parameter (tests/test_batch_equivalence.py).
+* **Order (vLLM's).** Logit bias and the penalties first: logit bias, repetition penalty, OpenAI's
+  presence/frequency penalties, n-gram and bad-word bans, min_new_tokens, the exponential decay, suppressed
+  tokens (single-token bad words too, end tokens included); then, for sampled rows only (``_warp``),
+  temperature, then the truncations: top-k, top-p, min-p, typical, epsilon, eta. The ``generate()`` path
+  builds the same processors in the same order (``generate_worker.py``: ours first, then generate()'s own
+  warpers), so both paths give the same greedy output for every parameter (tests/test_batch_equivalence.py).
+* **Logprobs (vLLM's default).** A token's logprob and its top alternatives are the model's own distribution:
+  log_softmax of the step's raw logits, before any of the processing above. Only the rows that asked for
+  them are computed. ``generate()`` records the same (its recorder is its first processor).
 * **Sampling without a shared RNG.** The manager runs greedy (argmax); a sampled row adds Gumbel
   noise to its warped logits, and argmax(logits + Gumbel) is a sample of softmax(logits). The noise
   is a counter-based hash of (seed, step, token id): a seeded request draws the same sample whatever
@@ -30,8 +32,10 @@ public extension point) that serves everything ``SamplingParams`` holds except b
 History-dependent state (repetition and presence/frequency counts, the step counter) is updated on
 the device from the token this processor chooses, so it needs no host round trip per step. N-gram
 and multi-token bad-word bans are computed on the host from the request's tokens (rare parameters,
-their rows only). Both need the previous step's token before the next step is prepared, which is
-true of synchronous batching (the only mode the engine enables).
+their rows only), and logprobs are read back on the host after each step. Both need the previous step's
+token on the host before the next step is prepared: true of synchronous batching, not of asynchronous
+batching (``async_batching``, which prepares step N+1 while step N runs); with it on, ``path_choice`` sends
+the requests that need them to ``generate()``.
 """
 
 from __future__ import annotations
@@ -131,6 +135,20 @@ class _Features:
         return self.min_new_tokens or self.decay or self.begin_banned or self.sampled
 
     @property
+    def changes_logits(self) -> bool:
+        """Some operation before the warpers may change a row's logits (else they are the model's, cleaned)."""
+        return (
+            self.bias
+            or self.repetition
+            or self.additive
+            or self.dynamic_bans
+            or self.min_new_tokens
+            or self.decay
+            or self.banned
+            or self.begin_banned
+        )
+
+    @property
     def needs_choice(self) -> bool:
         """The chosen token is needed here (history and logprobs); otherwise only the manager picks it."""
         return self.logprobs or self.repetition or self.additive
@@ -171,6 +189,7 @@ class _Features:
 
 _FEATURE_NAMES = tuple(field.name for field in dataclasses.fields(_Features))
 _DYNAMIC_BANS = 1 << _FEATURE_NAMES.index("dynamic_bans")
+_LOGPROBS = 1 << _FEATURE_NAMES.index("logprobs")
 _NOTHING = _Features.from_bits(0)  # the one instance a step of plain greedy rows gets
 
 
@@ -201,7 +220,7 @@ class _SlotTable:
                 self._free.append(slot)
 
     def allocate(self, request_id: str) -> int | None:
-        """A free slot, or None when every one is taken (see ``BatchSampler.unserved``)."""
+        """A free slot, or None when every one is taken (see ``BatchSampler.rejected``)."""
         if not self._free:
             return None
         slot = self._free.pop()
@@ -246,9 +265,15 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self.rejected: dict[str, ServingError] = {}
         self._slots = _SlotTable(self._spare)
         self._plans: dict[int, GenerationPlan] = {}
-        # Each slot's _Features bits (the spare slot's stay 0: padding and warm-up rows need nothing).
+        # Each slot's _Features bits (the spare slot's stay 0: padding and warm-up rows need nothing), and how
+        # many top logprobs it wants (0 where it wants none, or only the chosen token's).
         self._slot_bits = [0] * slots
+        self._slot_top = [0] * slots
         self._features = _Features.everything()
+        # This step's rows that want logprobs (None: every row), and the most top logprobs one of them wants;
+        # worked out on the host with the step's slots.
+        self._logprob_rows: torch.Tensor | None = None
+        self._logprob_k = min(MAX_TOP_LOGPROBS, vocab_size)
 
         def rows(dtype: torch.dtype, fill: float | bool) -> torch.Tensor:
             return torch.full((slots,), fill, dtype=dtype, device=device)
@@ -309,8 +334,22 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
                 self._update_dynamic_bans(slot, self._plans[slot], state)
             bits |= slot_bits[slot]
             slots.append(slot)
-        self._features = _Features.everything() if self.static_graph else _Features.from_bits(bits)
+        if self.static_graph:
+            self._features = _Features.everything()
+            self._logprob_rows, self._logprob_k = None, min(MAX_TOP_LOGPROBS, self.vocab_size)
+        else:
+            self._features = _Features.from_bits(bits)
+            if bits & _LOGPROBS:
+                self._choose_logprob_rows(slots)
         return torch.tensor(slots, dtype=torch.int32)
+
+    def _choose_logprob_rows(self, slots: list[int]) -> None:
+        """The rows of this step that want logprobs, and the most top logprobs one of them wants: the others'
+        raw distributions are not computed (a step whose rows all want them reads them all, with no gather)."""
+        slot_bits, slot_top = self._slot_bits, self._slot_top
+        rows = [i for i, slot in enumerate(slots) if slot_bits[slot] & _LOGPROBS]
+        self._logprob_k = max(slot_top[slots[i]] for i in rows)
+        self._logprob_rows = None if len(rows) == len(slots) else torch.tensor(rows, dtype=torch.long).to(self._device)
 
     def _take_slot(self, state: Any) -> int:
         """A slot for a request's first step, with its parameters written in; the spare slot for transformers'
@@ -341,6 +380,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         p = plan.sampling
         self._plans[slot] = plan
         self._slot_bits[slot] = _Features.bits_of(plan)
+        self._slot_top[slot] = min(p.logprobs or 0, self.vocab_size)
         greedy = p.greedy
         self._greedy[slot] = greedy
         self._temperature[slot] = 1.0 if greedy else p.temperature
@@ -448,6 +488,9 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if f.begin_banned:
             x = x.masked_fill(self._begin_banned[slots] & (steps == 0).unsqueeze(-1), _NEG_INF)
         x = _clean(x)
+        # The logprobs' raw logits: x itself when no operation changed it (cleaned already: no second pass).
+        raw_cleaned = not f.changes_logits
+        raw = x if raw_cleaned else scores
         if f.sampled:
             greedy = self._greedy[slots].unsqueeze(-1)
             x = torch.where(greedy, x, self._warp(x, slots, f))
@@ -462,7 +505,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if f.needs_choice:
             chosen = final.argmax(dim=-1)  # what the manager's own argmax will pick
             if f.logprobs:
-                self._record_logprobs(x, slots, chosen)
+                self._record_logprobs(raw, slots, chosen, cleaned=raw_cleaned)
             if f.repetition:
                 self._occurs[slots, chosen] = True
             if f.additive:
@@ -521,13 +564,25 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
         return x.masked_fill(remove, _NEG_INF)
 
-    def _record_logprobs(self, x: torch.Tensor, slots: torch.Tensor, chosen: torch.Tensor) -> None:
-        """The distribution sampled from (after the warpers, before the noise), as generate()'s recorder sees it."""
-        logprobs = x.log_softmax(dim=-1)
-        top_values, top_ids = logprobs.topk(min(MAX_TOP_LOGPROBS, self.vocab_size), dim=-1)
-        self._logprob_values[slots, 0] = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        self._logprob_values[slots, 1 : 1 + top_values.size(-1)] = top_values
-        self._logprob_ids[slots, : top_ids.size(-1)] = top_ids
+    def _record_logprobs(
+        self, scores: torch.Tensor, slots: torch.Tensor, chosen: torch.Tensor, *, cleaned: bool = False
+    ) -> None:
+        """The model's own distribution (vLLM's default logprobs): log_softmax of the step's raw logits, before
+        logit bias, penalties, bans, temperature and truncation, for the rows that asked; ``chosen`` is the
+        token the manager picks (``cleaned``: ``scores`` are already through ``_clean``). ``generate()``'s recorder
+        sees the same logits (its first processor)."""
+        rows = self._logprob_rows
+        if rows is not None:
+            scores = scores.index_select(0, rows)
+            slots, chosen = slots.index_select(0, rows), chosen.index_select(0, rows)
+        logprobs = (scores if cleaned else _clean(scores.float())).log_softmax(dim=-1)
+        # A row with no finite logit at all (a broken model) has no distribution: -inf, never NaN.
+        chosen_values = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).nan_to_num(nan=_NEG_INF)
+        self._logprob_values[slots, 0] = chosen_values
+        if self._logprob_k:
+            top_values, top_ids = logprobs.topk(self._logprob_k, dim=-1)
+            self._logprob_values[slots, 1 : 1 + top_values.size(-1)] = top_values.nan_to_num(nan=_NEG_INF)
+            self._logprob_ids[slots, : top_ids.size(-1)] = top_ids
 
 
 def _sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

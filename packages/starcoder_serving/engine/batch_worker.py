@@ -1,4 +1,7 @@
-"""Continuous batching: every admitted request but beam search decodes in one shared batch over a paged KV cache.
+"""Continuous batching: the requests ``path_choice`` sends here decode in one shared batch over a paged KV cache.
+
+That is every request but beam search, except with ``async_batching`` on, when the ones that need their latest
+token on the host (n-gram and multi-token bans, logprobs) go to ``generate()`` too (see ``path_choice.py``).
 
 Built on transformers' own ``ContinuousBatchingManager`` (``model.init_continuous_batching``): its
 background thread schedules prefill and decode tokens of all active requests into one forward pass

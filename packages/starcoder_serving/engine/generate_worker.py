@@ -1,7 +1,10 @@
-"""The thread that runs plain ``model.generate()``, one request at a time: beam search, and everything
-when continuous batching is off.
+"""The thread that runs plain ``model.generate()``, one request at a time, for the requests ``path_choice``
+sends here: beam search; with ``async_batching`` on, those that need their latest token on the host each step
+(n-gram and multi-token bad-word bans, logprobs); and everything when continuous batching is off. It also runs
+one-off forward passes with the model to itself (``run_exclusive``: prompt scoring).
 
-Serves every sampling parameter (beam search included). Tokens reach the request's event
+Serves every sampling parameter (beam search included), in the batch's order (``batch_sampler.py``), and records
+the same logprobs: the model's own distribution, before any processing. Tokens reach the request's event
 queue through a transformers streamer as they are produced; a stopping criterion polls the job's
 cancel flag every step, so a cancelled request stops within one token.
 """
@@ -44,7 +47,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Parameters whose processors _logits_processors builds itself, in the batch's order; generate() would
-# otherwise put them before our logit bias and presence/frequency penalties.
+# otherwise put them before our logprob recorder, logit bias and presence/frequency penalties.
 _BUILT_HERE = frozenset(
     {
         "repetition_penalty",
@@ -56,6 +59,31 @@ _BUILT_HERE = frozenset(
         "begin_suppress_tokens",
     }
 )
+# What generate() is told for them, and for the other processors it would build before our list (transformers
+# 5.23, ``_get_logits_processor``): "off". generate() fills a parameter it is not given from the checkpoint's
+# generation_config.json; a request has inherited those defaults already (``SamplingParams.with_model_defaults``)
+# and its own values are built here, while the checkpoint's lengths, forced tokens, sequence bias and guidance are
+# not served by the batch either. So generate() builds no processor before ours, except transformers'
+# InfNanRemoveLogitsProcessor when a request sends ``remove_invalid_values`` (it changes only NaN and
+# infinite logits, which a model does not produce; the recorder and _CleanRows clean them the same way after it).
+_OFF_IN_GENERATE: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    # None, not 0: a min_new_tokens of 0 makes generate() set min_length to the prompt's length (a no-op
+    # MinLengthLogitsProcessor before ours, and a warning about both being set).
+    "min_new_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_length": 0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "guidance_scale": None,
+}
+# Rows of logits turned into logprobs at a time when a finished beam search's tokens are scored.
+_SCORING_CHUNK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,22 +154,34 @@ class LogitBias(LogitsProcessor):
         return scores.index_add(1, ids, values.expand(scores.shape[0], -1))
 
 
+def _clean(scores: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, +inf -> the largest float (the batch's ``_clean``)."""
+    return torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
+
+
+def _raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """The model's own log-distribution of each row of raw logits, in float32 (vLLM's default logprobs)."""
+    return torch.log_softmax(_clean(logits.float()), dim=-1)
+
+
 class _CleanRows(LogitsProcessor):
     """Extreme but valid values (a 1e-30 repetition penalty) overflow logits: NaN -> -inf, +inf -> the
     largest float, so sampling and beam scores stay defined (the batch does the same)."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
+        return _clean(scores)
 
 
 class _LogprobRecorder(LogitsProcessor):
-    """Keeps the log-distribution of the last step (after temperature/top-k/top-p: what was sampled from)."""
+    """Keeps the last step's logprobs: the model's own distribution, log_softmax of the raw logits before any
+    processing (it is the first processor), as the batch records them. One sequence (row 0): not for beam search,
+    whose rows are beams (``GenerateWorker._score_tokens`` scores its tokens once it is done)."""
 
     def __init__(self) -> None:
         self.last: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.last = torch.log_softmax(scores[0].float(), dim=-1)
+        self.last = _raw_logprobs(scores[0])
         return scores
 
 
@@ -179,9 +219,13 @@ class _TokenForwarder(BaseStreamer):
             top = tuple(zip(indices.tolist(), values.tolist()))
         return TokenLogprob(token_id, float(row[token_id]), top)
 
-    def forward_all(self, token_ids: list[int]) -> None:
-        for token_id in token_ids:
-            self._forward(token_id)
+    def forward_all(self, token_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        """A finished beam search's tokens, with their logprob entries when the request asked for them."""
+        for i, token_id in enumerate(token_ids):
+            self.count += 1
+            self.last_token = token_id
+            entries = (logprobs[i],) if logprobs is not None else ()
+            self._job.emit(TokenEvent((token_id,), entries))
 
     def end(self) -> None:
         pass
@@ -241,10 +285,11 @@ class GenerateWorker:
             return
         started = time.perf_counter()
         plan = job.plan
-        recorder = _LogprobRecorder() if plan.top_logprobs is not None else None
-        forwarder = _TokenForwarder(job, recorder)
         sampling = plan.sampling
         beam_search = sampling.beam_search
+        # Beam search's rows are beams: its tokens are scored once it is done (_score_tokens), not step by step.
+        recorder = _LogprobRecorder() if plan.top_logprobs is not None and not beam_search else None
+        forwarder = _TokenForwarder(job, recorder)
         access = self._model_access
         criteria = [_CancelCriterion(job)] + ([_YieldCriterion(access)] if access is not None else [])
         try:
@@ -265,10 +310,14 @@ class GenerateWorker:
                     stopping_criteria=StoppingCriteriaList(criteria),
                     logits_processor=self._logits_processors(plan, recorder),
                     **{k: v for k, v in sampling.generate_kwargs().items() if k not in _BUILT_HERE},
+                    **_OFF_IN_GENERATE,
                 )
+                logprobs = None
+                if beam_search and plan.top_logprobs is not None and not job.cancelled.is_set():
+                    logprobs = self._score_tokens(output[0], plan.prompt_tokens, plan.top_logprobs)
             if beam_search:
                 # One sequence of one prompt: nothing is padded, every id was generated.
-                forwarder.forward_all(output[0, len(plan.prompt_ids) :].tolist())
+                forwarder.forward_all(output[0, plan.prompt_tokens :].tolist(), logprobs)
             reason = self._finish_reason(job, forwarder)
             job.emit(DoneEvent(reason))
         except torch.cuda.OutOfMemoryError:
@@ -295,18 +344,44 @@ class GenerateWorker:
                 time.perf_counter() - started,
             )
 
+    def _score_tokens(self, sequence: torch.Tensor, prompt_tokens: int, top: int) -> list[TokenLogprob]:
+        """Each generated token's logprob entry from one forward pass over the prompt and the generated tokens:
+        the model's own distribution at each position (``Engine.score_prompt``'s computation), what the recorder
+        gives a sampled or greedy request step by step. Runs with the model held (inside ``exclusive()``)."""
+        generated = sequence[prompt_tokens:]
+        if generated.numel() == 0:
+            return []
+        # The logits that predict each generated token: positions prompt_tokens - 1 .. len - 2.
+        logits = self._model(input_ids=sequence.unsqueeze(0), logits_to_keep=generated.numel() + 1).logits[0, :-1]
+        entries: list[TokenLogprob] = []
+        for start in range(0, generated.numel(), _SCORING_CHUNK):
+            logprobs = _raw_logprobs(logits[start : start + _SCORING_CHUNK])
+            ids = generated[start : start + _SCORING_CHUNK]
+            chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+            tops = logprobs.topk(top, dim=-1) if top else None
+            for i, token_id in enumerate(ids.tolist()):
+                alternatives = tuple(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else ()
+                entries.append(TokenLogprob(token_id, chosen[i], alternatives))
+        return entries
+
     def _logits_processors(self, plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList:
-        """The batch's order (batch_sampler.py), built from transformers' public processor classes: logit
-        bias; repetition penalty; presence/frequency penalties; n-gram and multi-token bad-word bans;
-        min_new_tokens; the exponential decay; suppressed tokens and single-token bad words (banned even
-        when an end token, as in the batch); begin-suppressed tokens. generate() is given none of these
-        parameters (``_BUILT_HERE``), so it adds only its warpers (temperature, top-k, top-p, ...) after them.
+        """The batch's order (batch_sampler.py, vLLM's), built from transformers' public processor classes: the
+        logprob recorder (the raw logits, before anything else); logit bias; repetition penalty;
+        presence/frequency penalties; n-gram and multi-token bad-word bans; min_new_tokens; the exponential decay;
+        suppressed tokens and single-token bad words (banned even when an end token, as in the batch);
+        begin-suppressed tokens. generate() builds none of these itself (``_OFF_IN_GENERATE``) and runs this list
+        before its own warpers (transformers 5.23 ``_get_logits_processor``: ``_merge_criteria_processor_list``,
+        then temperature, top-k, top-p, min-p, typical, epsilon, eta), so temperature and the truncations come
+        after the bias and penalties, as in the batch.
         """
         sampling = plan.sampling
         prompt_length = plan.prompt_tokens
         device = self._model.device
         end_ids = torch.tensor(sorted(self._eos_token_ids), dtype=torch.long, device=device)
         processors: list[LogitsProcessor] = []
+        if recorder is not None:
+            # First: the model's own distribution (vLLM's default logprobs), as the batch records it.
+            processors.append(recorder)
         if sampling.logit_bias:
             processors.append(LogitBias(sampling.logit_bias))
         if sampling.repetition_penalty != 1.0:
@@ -331,10 +406,8 @@ class GenerateWorker:
                 SuppressTokensAtBeginLogitsProcessor(sampling.begin_suppress_tokens, prompt_length, device=device)
             )
         processors.append(_CleanRows())
-        if recorder is not None:
-            # Records the distribution before generate()'s warpers: what beam search (the only request this
-            # path serves beside the batch) ranks by.
-            processors.append(recorder)
+        # The recorder went first: logprobs are of the raw logits, whatever the processors above and generate()'s
+        # warpers after them do to the row that is sampled or ranked from.
         return LogitsProcessorList(processors)
 
     def _finish_reason(self, job: Job, forwarder: _TokenForwarder) -> FinishReason:
