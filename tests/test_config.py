@@ -8,7 +8,7 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
-from starcoder_serving.settings import ServingSettings
+from starcoder_serving.settings import ENV_OVERRIDES, ServingSettings
 from truss.base.truss_config import Accelerator, TrussConfig
 from truss.contexts.image_builder.serving_image_builder import ServingImageBuilderContext
 from truss.contexts.local_loader.docker_build_emulator import DockerBuildEmulator
@@ -55,6 +55,69 @@ def test_environment_overrides_config() -> None:
         environ={"STARCODER_CHECKPOINT": "/tmp/tiny", "STARCODER_DEVICE": "cpu", "STARCODER_DTYPE": "float32"},
     )
     assert (settings.resolved_checkpoint(), settings.device, settings.dtype) == ("/tmp/tiny", "cpu", "float32")
+
+
+# A value other than the default for every setting, as an environment variable spells it.
+NON_DEFAULT: dict[str, tuple[str, object]] = {
+    "checkpoint": ("/tmp/tiny", "/tmp/tiny"),
+    "local_weights_dir": ("/tmp/weights", "/tmp/weights"),
+    "dtype": ("float16", "float16"),
+    "device": ("cpu", "cpu"),
+    "attn_implementation": ("flash_attention_2", "flash_attention_2"),
+    "context_window": ("1024", 1024),
+    "default_max_new_tokens": ("100", 100),
+    "max_new_tokens_cap": ("4096", 4096),
+    "max_num_return_sequences": ("3", 3),
+    "max_num_beams": ("2", 2),
+    "max_stop_sequences": ("3", 3),
+    "max_stop_sequence_chars": ("64", 64),
+    "max_queued_requests": ("16", 16),
+    "continuous_batching": ("false", False),
+    "max_batch_sequences": ("4", 4),
+    "max_batch_tokens": ("512", 512),
+    "kv_page_size": ("64", 64),
+    "kv_num_blocks": ("32", 32),
+    "kv_memory_fraction": ("0.5", 0.5),
+    "prefix_sharing": ("0", False),
+    "cuda_graphs": ("decode", "decode"),
+    "compile_level": ("2", 2),
+    "async_batching": ("true", True),
+    "cpu_threads": ("3", 3),
+    "stream_interval_ms": ("0.5", 0.5),
+    "instruction_template_file": ("other.json", "other.json"),
+    "chat_template_file": ("other.jinja", "other.jinja"),
+    "chat_stop": ('["\\nUser:", "\\n###"]', ("\nUser:", "\n###")),
+    "end_tokens": ("[]", ()),
+}
+
+
+def test_every_setting_is_overridable_by_its_environment_variable() -> None:
+    """Every field ``f`` is read from ``STARCODER_{F}`` over config.yaml's value; a tuple of strings as a JSON list."""
+    assert set(NON_DEFAULT) == set(ServingSettings.model_fields), "give the new setting a value here"
+    assert ENV_OVERRIDES == {f"STARCODER_{field.upper()}": field for field in ServingSettings.model_fields}
+    defaults = ServingSettings()
+    for field, (text, value) in NON_DEFAULT.items():
+        assert getattr(defaults, field) != value, field
+        name = f"STARCODER_{field.upper()}"
+        metadata = {field: getattr(defaults, field)} if getattr(defaults, field) is not None else {}
+        assert getattr(ServingSettings.from_sources(metadata, environ={name: text}), field) == value, name
+    # All at once (the int, bool and tuple kinds together, as a deployment would set them).
+    everything = {f"STARCODER_{field.upper()}": text for field, (text, _) in NON_DEFAULT.items()}
+    settings = ServingSettings.from_sources({}, environ=everything)
+    assert {field: getattr(settings, field) for field in NON_DEFAULT} == {f: v for f, (_, v) in NON_DEFAULT.items()}
+
+
+@pytest.mark.parametrize(("text", "problem"), [("\\nHuman:", "is not valid JSON"), ('"\\nHuman:"', "is not a list")])
+def test_a_tuple_setting_needs_a_json_list(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=f"STARCODER_CHAT_STOP must be a JSON list of strings.*{problem}"):
+        ServingSettings.from_sources({}, environ={"STARCODER_CHAT_STOP": text})
+
+
+def test_an_explicit_checkpoint_skips_the_build_time_cache_unless_the_cache_is_named_too() -> None:
+    cached = {"local_weights_dir": "/app/model_cache/starcoder"}
+    assert ServingSettings.from_sources(cached, environ={"STARCODER_CHECKPOINT": "/tmp/x"}).local_weights_dir is None
+    both = {"STARCODER_CHECKPOINT": "/tmp/x", "STARCODER_LOCAL_WEIGHTS_DIR": "/tmp/cache"}
+    assert ServingSettings.from_sources(cached, environ=both).local_weights_dir == "/tmp/cache"
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
 """Where the server's knobs come from: config.yaml's ``model_metadata``, overridable by environment.
 
 The same code serves StarCoder-15.5B on an A100 and the tiny local model on a laptop CPU; only these
-settings differ, so every one of them can be overridden by an environment variable.
+settings differ, so every one of them can be overridden by an environment variable: field ``name`` by
+``STARCODER_NAME`` (``ENV_OVERRIDES``). A tuple of strings (``chat_stop``, ``end_tokens``) is read as a JSON list.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -26,28 +29,7 @@ _GRAPH_SWITCHES: dict[str, CudaGraphs] = {
     "yes": "both",
 }
 
-# Environment variable -> settings field. Environment wins over config.yaml.
-ENV_OVERRIDES: dict[str, str] = {
-    "STARCODER_CHECKPOINT": "checkpoint",
-    "STARCODER_DTYPE": "dtype",
-    "STARCODER_DEVICE": "device",
-    "STARCODER_ATTN_IMPLEMENTATION": "attn_implementation",
-    "STARCODER_MAX_NEW_TOKENS_CAP": "max_new_tokens_cap",
-    "STARCODER_DEFAULT_MAX_NEW_TOKENS": "default_max_new_tokens",
-    "STARCODER_MAX_QUEUED_REQUESTS": "max_queued_requests",
-    "STARCODER_CONTINUOUS_BATCHING": "continuous_batching",
-    "STARCODER_MAX_BATCH_SEQUENCES": "max_batch_sequences",
-    "STARCODER_MAX_BATCH_TOKENS": "max_batch_tokens",
-    "STARCODER_KV_PAGE_SIZE": "kv_page_size",
-    "STARCODER_KV_NUM_BLOCKS": "kv_num_blocks",
-    "STARCODER_KV_MEMORY_FRACTION": "kv_memory_fraction",
-    "STARCODER_PREFIX_SHARING": "prefix_sharing",
-    "STARCODER_CUDA_GRAPHS": "cuda_graphs",
-    "STARCODER_COMPILE_LEVEL": "compile_level",
-    "STARCODER_ASYNC_BATCHING": "async_batching",
-    "STARCODER_CPU_THREADS": "cpu_threads",
-    "STARCODER_STREAM_INTERVAL_MS": "stream_interval_ms",
-}
+ENV_PREFIX = "STARCODER_"
 
 
 class ServingSettings(pydantic.BaseModel):
@@ -144,12 +126,14 @@ class ServingSettings(pydantic.BaseModel):
     def from_sources(
         cls, model_metadata: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
     ) -> ServingSettings:
+        """config.yaml's ``model_metadata``, with every setting whose variable is set (and not empty) replaced
+        by the environment's value."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = dict(model_metadata or {})
         for env_name, field in ENV_OVERRIDES.items():
             if environ.get(env_name):
-                values[field] = environ[env_name]
-        if environ.get("STARCODER_CHECKPOINT"):
+                values[field] = _from_environment(env_name, field, environ[env_name])
+        if environ.get("STARCODER_CHECKPOINT") and not environ.get("STARCODER_LOCAL_WEIGHTS_DIR"):
             # An explicit checkpoint beats the build-time cache of the default one.
             values["local_weights_dir"] = None
         return cls.model_validate(values)
@@ -159,3 +143,27 @@ class ServingSettings(pydantic.BaseModel):
         if self.local_weights_dir and os.path.isfile(os.path.join(self.local_weights_dir, "config.json")):
             return self.local_weights_dir
         return self.checkpoint
+
+
+# Environment variable -> settings field, one per field: ``STARCODER_<FIELD>``. Environment wins over config.yaml.
+ENV_OVERRIDES: dict[str, str] = {f"{ENV_PREFIX}{name.upper()}": name for name in ServingSettings.model_fields}
+# Fields read from the environment as a JSON list (of strings), e.g. STARCODER_CHAT_STOP='["\\nHuman:"]'.
+_JSON_LIST_FIELDS = frozenset(
+    name for name, field in ServingSettings.model_fields.items() if typing.get_origin(field.annotation) is tuple
+)
+
+
+def _from_environment(env_name: str, field: str, text: str) -> Any:
+    """A variable's text as the field's value: as it is (pydantic converts numbers and booleans), or, for a tuple
+    of strings, a JSON list."""
+    if field not in _JSON_LIST_FIELDS:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        problem = f"is not valid JSON ({error.msg})"
+    else:
+        if isinstance(value, list):
+            return value  # pydantic checks that its items are strings
+        problem = "is not a list"
+    raise ValueError(f'{env_name} must be a JSON list of strings, e.g. {env_name}=\'["a", "b"]\'; {text!r} {problem}.')
