@@ -1,9 +1,10 @@
 """One loaded model's profile: everything the engine and the prompts need to know that differs between models.
 
 Read from the checkpoint wherever it says (its config for the shape and window, its generation config and
-tokenizer for the end tokens, its vocabulary for the FIM tokens, its tokenizer for a chat template), and from
-the serving settings only where the checkpoint is silent: StarCoder2 ends a file with ``<file_sep>`` but does
-not list it as an end token, and base StarCoder ships no chat template.
+tokenizer for the end tokens, its vocabulary for the FIM tokens), and from the serving settings only where the
+checkpoint is silent: StarCoder2 ends a file with ``<file_sep>`` but does not list it as an end token. (Whether
+the tokenizer ships a chat template is the chat renderer's business, ``text/prompts.py``: base StarCoder ships
+none, and the settings' template file is used.)
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ class ModelProfile:
     end_token_ids: frozenset[int]
     # None: the vocabulary has no FIM tokens, and fill-in-the-middle requests are refused.
     fim: FimTokens | None
-    # True when the tokenizer ships its own chat template (else the settings' template file is used).
-    has_chat_template: bool
     # Bytes per element of the loaded weights and cache (bf16: 2): what a KV-cache token costs.
     dtype_bytes: int
 
@@ -71,15 +70,16 @@ class ModelProfile:
             context_window=window,
             end_token_ids=frozenset(i for i in end_ids if i is not None),
             fim=FIM_TOKEN_NAMES if has_fim else None,
-            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             dtype_bytes=int(model.dtype.itemsize),
         )
 
     def describe(self, tokenizer: Any) -> str:
-        """One log line: what this replica serves."""
+        """One log line: what this replica serves. The chat renderer uses the tokenizer's own template when it has
+        one, else the settings' template file."""
         ends = ", ".join(sorted(tokenizer.convert_ids_to_tokens(sorted(self.end_token_ids))))
+        chat_template = "the tokenizer" if getattr(tokenizer, "chat_template", None) else "the settings"
         return (
             f"{self.shape.model_type}: {self.context_window:,}-token window, {self.shape.kv_arithmetic(self.dtype_bytes)}; "
             f"ends at {ends}; fill-in-the-middle {'on' if self.fim else 'off (no FIM tokens)'}; "
-            f"chat template from {'the tokenizer' if self.has_chat_template else 'the settings'}"
+            f"chat template from {chat_template}"
         )
