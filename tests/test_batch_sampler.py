@@ -52,13 +52,13 @@ EOS = 0
 CPU = torch.device("cpu")
 
 
-def sampler(max_requests: int = 8, vocab_size: int = VOCAB) -> BatchSampler:
-    return BatchSampler(vocab_size=vocab_size, max_requests=max_requests, eos_token_ids=[EOS], device=CPU)
+def sampler(max_requests: int = 8, logits_width: int = VOCAB) -> BatchSampler:
+    return BatchSampler(logits_width=logits_width, max_requests=max_requests, eos_token_ids=[EOS], device=CPU)
 
 
 def token_mix(vocab_size: int) -> torch.Tensor:
     """The hashed token ids exactly as the sampler feeds them to ``gumbel_noise``."""
-    return sampler(max_requests=1, vocab_size=vocab_size)._token_mix
+    return sampler(max_requests=1, logits_width=vocab_size)._token_mix
 
 
 def noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int = 64) -> torch.Tensor:

@@ -95,7 +95,9 @@ def test_asynchronous_batching_sends_only_host_side_parameters_to_generate() -> 
         assert choose_path(sampling).path is GenerationPath.BATCHED, params
     device_side = [{}, {"bad_words_ids": [[5]]}, {"repetition_penalty": 1.3, "seed": 2}, {"min_new_tokens": 3}]
     for params in device_side:
-        assert choose_path(SamplingParams.model_validate(params), async_batching=True).path is GenerationPath.BATCHED, params
+        assert choose_path(SamplingParams.model_validate(params), async_batching=True).path is GenerationPath.BATCHED, (
+            params
+        )
 
 
 def test_asynchronous_batching_is_ignored_without_a_gpu(tiny_model_dir: Path) -> None:

@@ -36,7 +36,7 @@ from starcoder_serving.events import TokenLogprob
 from starcoder_serving.text.assembler import Completion
 from starcoder_serving.text.token_texts import TokenTexts
 
-# JSON has no -inf; OpenAI-compatible servers clamp to this (tokens cut off by top-k/top-p).
+# JSON has no -inf; OpenAI-compatible servers clamp to this (a token the model itself gives no probability).
 MIN_LOGPROB = -9999.0
 
 

@@ -244,13 +244,16 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     def __init__(
         self,
         *,
-        vocab_size: int,
+        logits_width: int,
         max_requests: int,
         eos_token_ids: Sequence[int],
         device: torch.device,
         static_graph: bool = False,
     ) -> None:
-        self.vocab_size = vocab_size
+        # The model's output width (its output-embedding rows): every row operation and table spans it. It may
+        # exceed the tokenizer's vocabulary (padded embeddings); the ids past the vocabulary are never named by a
+        # request (the engine checks ids against the tokenizer) but are still part of the distribution.
+        self.logits_width = logits_width
         self._device = device
         self.static_graph = static_graph
         self._eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=device)
@@ -273,18 +276,18 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         # This step's rows that want logprobs (None: every row), and the most top logprobs one of them wants;
         # worked out on the host with the step's slots.
         self._logprob_rows: torch.Tensor | None = None
-        self._logprob_k = min(MAX_TOP_LOGPROBS, vocab_size)
+        self._logprob_k = min(MAX_TOP_LOGPROBS, logits_width)
 
         def rows(dtype: torch.dtype, fill: float | bool) -> torch.Tensor:
             return torch.full((slots,), fill, dtype=dtype, device=device)
 
         def table(dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros((slots, vocab_size), dtype=dtype, device=device)
+            return torch.zeros((slots, logits_width), dtype=dtype, device=device)
 
         # Per-slot parameters; the spare slot keeps the "off" values (greedy, no penalty).
         self._greedy = rows(torch.bool, True)
         self._temperature = rows(torch.float32, 1.0)
-        self._top_k = rows(torch.long, vocab_size)
+        self._top_k = rows(torch.long, logits_width)
         self._top_p = rows(torch.float32, 1.0)
         self._min_p = rows(torch.float32, 0.0)
         self._typical_p = rows(torch.float32, 1.0)
@@ -310,10 +313,10 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._logprob_values = torch.zeros((slots, 1 + MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
         self._logprob_ids = torch.zeros((slots, MAX_TOP_LOGPROBS), dtype=torch.long, device=device)
         # What a row with no token left is replaced by: only the first end token.
-        self._end_row = torch.full((1, vocab_size), _NEG_INF, device=device)
+        self._end_row = torch.full((1, logits_width), _NEG_INF, device=device)
         self._end_row[0, int(self._eos[0])] = 0.0
-        self._token_mix = _mul32(torch.arange(vocab_size, dtype=torch.long, device=device), 0x27D4EB2F)
-        self._arange = torch.arange(vocab_size, device=device)
+        self._token_mix = _mul32(torch.arange(logits_width, dtype=torch.long, device=device), 0x27D4EB2F)
+        self._arange = torch.arange(logits_width, device=device)
 
     # ---- the host side: slots and their state (the batch thread, before each forward) ----
 
@@ -336,7 +339,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             slots.append(slot)
         if self.static_graph:
             self._features = _Features.everything()
-            self._logprob_rows, self._logprob_k = None, min(MAX_TOP_LOGPROBS, self.vocab_size)
+            self._logprob_rows, self._logprob_k = None, min(MAX_TOP_LOGPROBS, self.logits_width)
         else:
             self._features = _Features.from_bits(bits)
             if bits & _LOGPROBS:
@@ -380,11 +383,11 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         p = plan.sampling
         self._plans[slot] = plan
         self._slot_bits[slot] = _Features.bits_of(plan)
-        self._slot_top[slot] = min(p.logprobs or 0, self.vocab_size)
+        self._slot_top[slot] = min(p.logprobs or 0, self.logits_width)
         greedy = p.greedy
         self._greedy[slot] = greedy
         self._temperature[slot] = 1.0 if greedy else p.temperature
-        self._top_k[slot] = self.vocab_size if greedy or p.top_k <= 0 else min(p.top_k, self.vocab_size)
+        self._top_k[slot] = self.logits_width if greedy or p.top_k <= 0 else min(p.top_k, self.logits_width)
         self._top_p[slot] = 1.0 if greedy else p.top_p
         self._min_p[slot] = 0.0 if greedy else p.min_p
         self._typical_p[slot] = 1.0 if greedy else p.typical_p
@@ -528,7 +531,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if f.sorted_warpers:
             ascending, order = _sort_rows(x)
             # top-k: keep the k largest (positions >= vocab - k in ascending order).
-            kth = (self.vocab_size - self._top_k[slots]).unsqueeze(-1)
+            kth = (self.logits_width - self._top_k[slots]).unsqueeze(-1)
             ascending = ascending.masked_fill(self._arange.unsqueeze(0) < kth, _NEG_INF)
             # top-p: drop the tokens whose cumulative probability from the bottom is <= 1 - top_p (keep >= 1).
             cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
@@ -558,7 +561,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         sorted_shifted, order = _sort_rows(shifted)
         cumulative = x.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
         mass = self._typical_p[slots].unsqueeze(-1)
-        last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=self.vocab_size - 1)
+        last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=self.logits_width - 1)
         remove_sorted = (sorted_shifted > sorted_shifted.gather(-1, last)) & (mass < 1.0)
         remove_sorted[:, 0] = False
         remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)

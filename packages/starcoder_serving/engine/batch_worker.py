@@ -115,7 +115,9 @@ class BatchedWorker:
         model: Any,
         *,
         eos_token_ids: set[int],
-        vocab_size: int,
+        # The model's output width (its output-embedding rows), which may exceed the tokenizer's vocabulary:
+        # the sampler's per-token tables span every logit.
+        logits_width: int,
         max_requests: int,
         max_batch_sequences: int,
         max_batch_tokens: int | None,
@@ -168,7 +170,7 @@ class BatchedWorker:
         self._active: dict[str, _Active] = {}
         self._delivery = PacedDelivery(stream_interval_s)
         self.sampler = BatchSampler(
-            vocab_size=vocab_size,
+            logits_width=logits_width,
             max_requests=max_requests,
             eos_token_ids=self._eos_token_ids,
             device=model.device,

@@ -118,7 +118,7 @@ class Engine:
         return BatchedWorker(
             model,
             eos_token_ids=set(self.eos_token_ids),
-            vocab_size=self._logits_size,
+            logits_width=self._logits_size,
             max_requests=settings.max_queued_requests,
             max_batch_sequences=settings.max_batch_sequences,
             max_batch_tokens=max_batch_tokens,

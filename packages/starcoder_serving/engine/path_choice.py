@@ -21,7 +21,7 @@ repetition_penalty, presence_penalty, frequency_penalty, logit_bias    batched  
 min_new_tokens / min_length, exponential_decay_length_penalty          batched    per-slot step counter masks the end tokens
 suppress_tokens, begin_suppress_tokens, bad_words_ids,                 batched    per-slot masks; n-gram and multi-token bans
 no_repeat_ngram_size                                                              from the request's own tokens each step
-logprobs / top_logprobs                                                batched    read from the processed row after each step
+logprobs / top_logprobs                                                batched    the model's raw row, read after each step
 max_new_tokens, max_length, max_time, stop sequences, streaming        batched    per-request limit; max_time by the worker's
                                                                                   watcher; stop sequences on the event loop
 renormalize_logits, remove_invalid_values                              batched    no-ops: rows are always cleaned, and logprobs
