@@ -53,7 +53,7 @@ from starcoder_serving.engine import transformers_compat as compat
 from starcoder_serving.engine.batch_sampler import BatchSampler
 from starcoder_serving.engine.jobs import Job, PacedDelivery
 from starcoder_serving.engine.transformers_compat import GenerationOutput, OutputRouter
-from starcoder_serving.errors import GenerationFailed, InvalidRequest, Overloaded
+from starcoder_serving.errors import GenerationFailed, InvalidRequest, out_of_memory
 from starcoder_serving.events import DoneEvent, Event, FinishReason, TokenEvent, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -298,9 +298,7 @@ class BatchedWorker:
         if output.error is not None:
             logger.error("job %d: batched generation failed: %s", job.id, output.error)
             if "out of memory" in output.error.lower():
-                error: Exception = Overloaded(
-                    "The GPU ran out of memory for this request. Retry, or send a shorter prompt or fewer max_new_tokens."
-                )
+                error: Exception = out_of_memory()
             else:
                 error = GenerationFailed("Generation failed. Retry the request.")
             self._finish(output.request_id, DoneEvent(error=error), emissions)

@@ -38,7 +38,7 @@ from transformers import (
 
 from starcoder_serving.engine.jobs import GenerationPlan, Job
 from starcoder_serving.engine.transformers_compat import BaseStreamer
-from starcoder_serving.errors import GenerationFailed, Overloaded
+from starcoder_serving.errors import GenerationFailed, out_of_memory
 from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -323,14 +323,7 @@ class GenerateWorker:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             logger.warning("job %d: CUDA out of memory (%d prompt tokens)", job.id, plan.prompt_tokens)
-            job.emit(
-                DoneEvent(
-                    error=Overloaded(
-                        "The GPU ran out of memory for this request. Retry, or send a shorter prompt, "
-                        "fewer max_new_tokens or fewer num_beams."
-                    )
-                )
-            )
+            job.emit(DoneEvent(error=out_of_memory()))
         except Exception as exc:  # the worker must survive anything one request does
             logger.exception("job %d: generation failed", job.id)
             job.emit(DoneEvent(error=GenerationFailed(f"Generation failed ({type(exc).__name__}). Retry the request.")))
