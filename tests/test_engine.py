@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.generate_worker import AdditivePenalties
 from starcoder_serving.engine.jobs import GenerationPlan
+from starcoder_serving.engine.request import GenerationRequest, TextPrompt
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.events import FinishReason
@@ -346,3 +348,25 @@ def test_prompts_tokenize_on_many_threads_at_once(engine: Engine) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         got = list(pool.map(engine.tokenize, texts * 4))
     assert got == expected * 4
+
+
+def test_a_long_prompt_is_refused_after_tokenizing_about_one_window(engine: Engine) -> None:
+    """The validation stage counts a text far longer than the window piece by piece and stops past the window."""
+    tokenized: list[int] = []
+
+    def counting(text: str) -> list[int]:
+        tokenized.append(len(text))
+        return engine.tokenize(text)
+
+    validator = copy.copy(engine.validator)
+    validator._tokenize = counting
+    huge = "x = 1\n" * 200_000
+    with pytest.raises(InvalidRequest, match="over 8192 tokens"):
+        validator.validate(GenerationRequest((TextPrompt(huge),), SamplingParams()))
+    assert sum(tokenized) <= 2 * 4 * engine.context_window < len(huge) / 10
+    # A long text that fits (5 characters a token here) is counted, then tokenized whole, to the same ids.
+    validator.context_window = 64
+    fits = "héllo" * 60
+    tokenized.clear()
+    valid = validator.validate(GenerationRequest((TextPrompt(fits),), SamplingParams(max_new_tokens=2)))
+    assert valid.prompts[0].prompt_ids == engine.tokenize(fits) and len(tokenized) == 3  # two pieces, then whole

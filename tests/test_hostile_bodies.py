@@ -124,3 +124,57 @@ def test_exponential_decay_length_penalty_is_accepted_as_a_json_pair(server: Run
     assert response.status_code == 200, response.text
     refused = httpx.post(server.predict_url, json={**body, "exponential_decay_length_penalty": [2, "x"]}, timeout=60)
     assert refused.status_code == 400 and "exponential_decay_length_penalty" in message_of(refused)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_nan_and_infinity_are_not_json_numbers(server: RunningServer, route: str) -> None:
+    """Python's json module reads NaN and Infinity; a server that let them through reached transformers with them."""
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        body = json.dumps(VALID[route])[:-1] + f', "seed": {constant}}}'
+        response = post_raw(server, route, body.encode(), **{"content-type": "application/json"})
+        assert response.status_code == 400 and f"holds {constant}" in message_of(response)
+    assert_still_serving(server, route)
+
+
+def test_the_largest_seed_with_n_sequences_is_served_streamed_or_not(server: RunningServer) -> None:
+    """seed + i past 2**63 - 1 wraps to 0 instead of overflowing the batch's int64 seeds (a 500, or an error
+    event after a 200 when streamed)."""
+    seed = 2**63 - 1
+    predict = {"prompt": "def f():", "do_sample": True, "num_return_sequences": 3, "seed": seed, "max_new_tokens": 3}
+    response = httpx.post(server.predict_url, json=predict, timeout=60)
+    assert response.status_code == 200 and len(response.json()["data"]["completions"]) == 3
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": 3, "seed": seed, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url(server, "/v1/chat/completions"), json=chat, timeout=60) as streamed:
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and events[-1] == "data: [DONE]"
+    assert not any('"error"' in event for event in events)
+
+
+BEAM_PATH_OVERFLOWS = [
+    ({"exponential_decay_length_penalty": [0, 2.0], "max_new_tokens": 1100, "min_new_tokens": 1100}, "overflows"),
+    ({"exponential_decay_length_penalty": [0, 1e100], "max_new_tokens": 8}, "overflows"),
+    ({"length_penalty": 1e308, "max_new_tokens": 8}, "overflows"),
+    ({"suppress_tokens": list(range(694)), "max_new_tokens": 8}, "leave no token"),
+]
+
+
+@pytest.mark.parametrize(("parameters", "expected"), BEAM_PATH_OVERFLOWS)
+def test_what_beam_search_cannot_compute_is_a_400_on_both_paths(
+    server: RunningServer, parameters: dict[str, object], expected: str
+) -> None:
+    """transformers' beam search raised OverflowError (a 500) or answered an empty text where the batch refused:
+    the request is refused before any work, whichever path would serve it."""
+    beams = httpx.post(server.predict_url, json={"prompt": "x", **parameters, "num_beams": 2}, timeout=60)
+    assert beams.status_code == 400 and expected in message_of(beams), beams.text
+    # The batch's answer is a 400 as well (length_penalty alone: transformers' "only used with beams").
+    batch = httpx.post(server.predict_url, json={"prompt": "x", **parameters}, timeout=60)
+    assert batch.status_code == 400, batch.text
+    assert_still_serving(server, "predict")
+
+
+def test_a_prompt_far_past_the_window_is_refused_having_tokenized_about_a_window(server: RunningServer) -> None:
+    """Tokenizing 1 MiB takes ~0.75 s of a core: such a prompt is refused once a window's worth is counted."""
+    huge = "def f(x):\n    return x  # a line of code\n" * 20_000  # 0.8 MiB, ~240K tokens
+    response = httpx.post(server.predict_url, json={"prompt": huge}, timeout=60)
+    assert response.status_code == 400 and "over 8192 tokens" in message_of(response)
+    assert_still_serving(server, "predict")

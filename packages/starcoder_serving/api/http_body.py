@@ -67,7 +67,7 @@ async def read_body(request: HasBody, limit: int = MAX_BODY_BYTES) -> bytes:
 async def read_json_object(request: HasBody, example: str) -> dict[str, Any]:
     body = await read_body(request)
     try:
-        parsed = json.loads(body)
+        parsed = json.loads(body, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(
             f"The request body is not valid JSON ({exc}). Send a JSON object like {example}."
@@ -83,6 +83,11 @@ async def read_json_object(request: HasBody, example: str) -> dict[str, Any]:
         )
     _check_strings(parsed, "", 0)
     return parsed
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON does not have: no parameter may be NaN or infinite."""
+    raise InvalidRequest(f"The request body holds {constant}, which is not a JSON number; send finite numbers.")
 
 
 def _check_strings(value: Any, path: str, depth: int) -> None:

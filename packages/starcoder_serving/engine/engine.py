@@ -88,6 +88,8 @@ class Engine:
             model_name=self.model_name,
             context_window=self.context_window,
             vocab_size=self.vocab_size,
+            logits_width=self._logits_size,
+            end_token_ids=self.profile.end_token_ids,
             tokenize=self.tokenize,
             decode=lambda ids: str(tokenizer.decode(ids)),
             fim=self.profile.fim,

@@ -32,8 +32,9 @@ MinP = Annotated[float, Field(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0)]
 AdditivePenalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's presence/frequency range
 LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]  # OpenAI's range
-# 2**63 - 1: what torch.manual_seed accepts.
-Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+# Seeds are 0 .. 2**63 - 1: what torch.manual_seed and the batch's int64 tensors hold.
+SEEDS = 2**63
+Seed = Annotated[StrictInt, Field(ge=0, le=SEEDS - 1)]
 MAX_TOP_LOGPROBS = 20
 
 
@@ -146,11 +147,12 @@ class SamplingParams(pydantic.BaseModel):
         _validate_generation_config(sent)
 
     def for_sequence(self, index: int) -> SamplingParams:
-        """The parameters of the index-th of ``n`` sequences: its own seed (seed + index), so they differ.
+        """The parameters of the index-th of ``n`` sequences: its own seed (seed + index, wrapping past the largest
+        seed to 0), so they differ.
 
         Unseeded sampling gets a random seed here, so every sampled sequence has one (and can report it).
         """
-        seed = self.seed + index if self.seed is not None else None
+        seed = (self.seed + index) % SEEDS if self.seed is not None else None
         if seed is None and not self.greedy:
             seed = random.SystemRandom().getrandbits(63)
         return self.model_copy(update={"n": 1, "seed": seed})

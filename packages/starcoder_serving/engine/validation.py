@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,13 @@ class ValidRequest:
         return sum(len(prompt.prompt_ids) for prompt in self.prompts)
 
 
+# Characters per token of the context window below which a prompt is tokenized whole without counting first (code
+# averages 3-4; 4 x StarCoder's 8,192 tokens is 32K characters, ~25 ms of tokenizing).
+_CHARS_PER_TOKEN = 4
+# math.log(sys.float_info.max): a larger exponent of e overflows a float.
+_LARGEST_EXPONENT = 709.78
+
+
 class RequestValidator:
     """The model's and the server's limits, and how to render and tokenize a prompt; ``validate`` applies them."""
 
@@ -84,6 +92,8 @@ class RequestValidator:
         model_name: str,
         context_window: int,
         vocab_size: int,
+        logits_width: int,
+        end_token_ids: frozenset[int],
         tokenize: Callable[[str], list[int]],
         decode: Callable[[list[int]], str],
         fim: FimTokens | None,
@@ -95,6 +105,8 @@ class RequestValidator:
         self.model_name = model_name
         self.context_window = context_window
         self.vocab_size = vocab_size  # the ids the tokenizer knows: the valid range of a client's token id
+        self.logits_width = logits_width  # the tokens the model can generate (its output rows; may exceed the above)
+        self.end_token_ids = end_token_ids
         self._tokenize = tokenize
         self._decode = decode
         self._fim = fim
@@ -183,12 +195,38 @@ class RequestValidator:
 
     def _prompt(self, request: GenerationRequest, index: int, prompt: Prompt) -> ValidPrompt:
         rendered, echo = self._render(request, prompt)
-        prompt_ids = list(prompt.ids) if isinstance(prompt, TokenPrompt) else self._tokenize(rendered.text)
+        if isinstance(prompt, TokenPrompt):
+            prompt_ids = list(prompt.ids)
+        elif request.truncate_prompt is not None:  # any length: its last tokens are kept
+            prompt_ids = self._tokenize(rendered.text)
+        else:
+            prompt_ids = self._tokenize_bounded(rendered.text, prompt.field)
         if request.truncate_prompt is not None:  # TGI keeps the last `truncate` tokens of the input
             prompt_ids = prompt_ids[-request.truncate_prompt :]
         self._check_prompt_length(request, prompt_ids, prompt.field)
         plans = self._plans(request, prompt_ids, rendered.implied_stop) if request.output.generate else []
         return ValidPrompt(index, rendered, prompt_ids, echo, tuple(plans))
+
+    def _tokenize_bounded(self, text: str, field: str) -> list[int]:
+        """The text's tokens; a text far longer than the context window is refused having tokenized about a window's
+        worth of it, not all of it (tokenizing 1 MiB takes ~0.75 s of a core, which one client could repeat).
+
+        A text of up to ``_CHARS_PER_TOKEN`` characters per token of the window is tokenized whole. A longer one is
+        counted piece by piece first, stopping once the count passes the window: cutting a text can add a token at
+        each cut, never remove one, so the count is only trusted as a refusal once it passes the window by more than
+        the number of cuts. A text that passes that check is tokenized whole, for the exact ids."""
+        window, piece = self.context_window, self.context_window * _CHARS_PER_TOKEN
+        if len(text) > piece:
+            counted = 0
+            for cuts, start in enumerate(range(0, len(text), piece)):
+                counted += len(self._tokenize(text[start : start + piece]))
+                if counted > window + cuts:
+                    raise InvalidRequest(
+                        f"The prompt has over {window} tokens ({len(text)} characters), more than the "
+                        f"{window}-token context window; shorten it.",
+                        param=field,
+                    )
+        return self._tokenize(text)
 
     def _render(self, request: GenerationRequest, prompt: Prompt) -> tuple[RenderedPrompt, str]:
         """The model text of one input form, and its echo (the prompt as the client wrote it)."""
@@ -241,6 +279,8 @@ class RequestValidator:
         sequence its own seed (seed, seed + 1, ...)."""
         sampling, name = request.sampling, request.names
         max_new_tokens, min_new_tokens = self._lengths(sampling, len(prompt_ids), name)
+        self._check_overflows(sampling, max_new_tokens, name)
+        self._check_something_left(sampling, min_new_tokens, name)
         try:
             sampling.model_copy(update={"max_new_tokens": max_new_tokens}).check_with_transformers()
         except ValueError as exc:
@@ -250,6 +290,49 @@ class RequestValidator:
         if implied_stop:
             resolved = resolved.model_copy(update={"stop": (*sampling.stop, *implied_stop)})
         return [GenerationPlan(list(prompt_ids), resolved.for_sequence(i)) for i in range(sampling.n)]
+
+    @staticmethod
+    def _check_overflows(sampling: SamplingParams, max_new_tokens: int, name: FieldNames) -> None:
+        """transformers computes two powers in Python floats, which raise OverflowError once they leave float range:
+        ExponentialDecayLengthPenalty's factor ** (tokens past its start), and beam search's length ** length_penalty.
+        Refused for both paths, so they answer alike."""
+        decay = sampling.exponential_decay_length_penalty
+        if (
+            decay is not None
+            and decay[1] > 1.0
+            and (max_new_tokens - decay[0]) * math.log(decay[1]) >= _LARGEST_EXPONENT
+        ):
+            field = name("exponential_decay_length_penalty")
+            raise InvalidRequest(
+                f"`{field}` [{decay[0]}, {decay[1]:g}]: {decay[1]:g} ** ({max_new_tokens} - {decay[0]}) new tokens "
+                "overflows; lower the factor, raise the start or send fewer new tokens.",
+                param=field,
+            )
+        penalty = sampling.length_penalty
+        if sampling.beam_search and penalty is not None and penalty * math.log(max_new_tokens + 1) >= _LARGEST_EXPONENT:
+            field = name("length_penalty")
+            raise InvalidRequest(
+                f"`{field}` {penalty:g}: a beam's length ** {penalty:g} overflows; send a smaller {field}.", param=field
+            )
+
+    def _check_something_left(self, sampling: SamplingParams, min_new_tokens: int, name: FieldNames) -> None:
+        """Bans that leave the model no token at all, from the first step on: refused before anything runs (the
+        batch would fail the request mid-stream, and beam search would answer an empty text)."""
+        banned = {*sampling.suppress_tokens, *(word[0] for word in sampling.bad_words_ids if len(word) == 1)}
+        first_step = banned | set(sampling.begin_suppress_tokens)
+        if min_new_tokens > 0:
+            first_step |= self.end_token_ids
+        if len(first_step) < self.logits_width:  # ids are below vocab_size, so a ban of every row has this many
+            return
+        sent = [
+            field for field in ("suppress_tokens", "bad_words_ids", "begin_suppress_tokens") if getattr(sampling, field)
+        ]
+        fields = ", ".join(f"`{name(field)}`" for field in sent)
+        until = f" before {name('min_new_tokens')} new tokens" if min_new_tokens else ""
+        raise InvalidRequest(
+            f"{fields} leave no token the model may generate{until}; ban fewer tokens.",
+            param=name(sent[0]),
+        )
 
     def _lengths(self, sampling: SamplingParams, prompt_tokens: int, name: FieldNames) -> tuple[int, int]:
         """New-token bounds (most, least) for this prompt. ``max_length`` / ``min_length`` count the prompt, as in
