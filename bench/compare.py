@@ -57,6 +57,7 @@ from bench.loadgen import (
     summarize,
     warmup,
 )
+from bench.machine import loadavg, machine_info, prompts_for
 from bench.peer import claim_port, ensure_peer_venv, running_peer, truss_server_on
 
 # Our Truss servers: name, description, extra environment.
@@ -422,7 +423,6 @@ def local_servers(args: argparse.Namespace, model_dir: Path) -> Iterator[tuple[d
 def main(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from bench.run import _loadavg, machine_info, prompts_for
     from devtools.tiny_model import build_tiny_model
     from devtools.truss_local import DEFAULT_TINY_MODEL_DIR
 
@@ -431,7 +431,7 @@ def main(args: argparse.Namespace) -> int:
     apply_quick(args)
     args.levels = args.levels or [1, 4, 16]
     started = time.monotonic()
-    load_before = _loadavg()
+    load_before = loadavg()
     machine = machine_info()  # the git state the servers are laid out from
     model_dir = build_tiny_model(DEFAULT_TINY_MODEL_DIR)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -445,7 +445,7 @@ def main(args: argparse.Namespace) -> int:
     report = CompareReport(
         label=args.label or "peer-local-cpu",
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        machine={**machine, "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": _loadavg()},
+        machine={**machine, "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": loadavg()},
         wall_s=time.monotonic() - started,
         settings={
             "rounds": args.rounds,

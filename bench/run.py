@@ -19,8 +19,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,13 +32,13 @@ from bench.loadgen import (
     LoadSpec,
     RequestSample,
     WarmupCheck,
-    build_prompt,
     full_length_prompt,
     make_client,
     one_request,
     run_level,
     warmup,
 )
+from bench.machine import loadavg, machine_info, prompts_for
 from bench.mixed import MixedLevel, MixedSpec, mixed_table, run_mixed_level
 from bench.peer import claim_port, truss_server_on
 from bench.report import BenchReport, ServerRun, compute_mixed_ratios, compute_ratios, markdown_table, write
@@ -57,9 +55,6 @@ LOCAL_SERVERS: tuple[tuple[str, str, dict[str, str]], ...] = (
         {"STARCODER_CONTINUOUS_BATCHING": "0"},
     ),
 )
-
-
-PROMPT_CANDIDATES = 16
 
 
 def concurrency_levels(max_concurrency: int) -> list[int]:
@@ -135,35 +130,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench", help="server layouts and logs (local mode)"
     )
     return parser.parse_args(argv)
-
-
-def machine_info() -> dict[str, str]:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-    }
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        info["git"] = commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        info["git"] = "unknown"
-    return info
-
-
-def _loadavg() -> str:
-    # Other work on the machine (another test run, say) competes for the CPU and skews every number.
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 @dataclasses.dataclass
@@ -317,17 +283,6 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
     return asyncio.run(drive([target], prompts, levels, args.warmup_requests, args.profile)), base_url
 
 
-def prompts_for(args: argparse.Namespace, tokenizer_dir: Path | str) -> list[str]:
-    """Candidate P-token prompts (different starting lines), tried in order by the warm-up."""
-    from transformers import AutoTokenizer
-
-    # Another tokenizer (a deployment's) may count this text differently: the warm-up records the
-    # server's own count, which is what the report shows.
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    candidates = [build_prompt(tokenizer, args.prompt_tokens, variant) for variant in range(PROMPT_CANDIDATES)]
-    return list(dict.fromkeys(candidates))  # unique, in order
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.gpu:
@@ -340,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(levels) < 1:
         raise SystemExit("concurrency levels must be >= 1")
     remote = args.base_url is not None
-    load_before = _loadavg()
+    load_before = loadavg()
     try:
         (runs, mixed), target = run_remote(args, levels) if remote else run_local(args, levels)
     except BenchError as error:
@@ -354,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         machine={
             **machine_info(),
             "loadavg_1_5_15_before": load_before,
-            "loadavg_1_5_15_after": _loadavg(),
+            "loadavg_1_5_15_after": loadavg(),
             **({"note": "the load generator's machine, not the server's"} if remote else {}),
         },
         target=target,
