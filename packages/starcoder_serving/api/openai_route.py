@@ -9,7 +9,6 @@ OpenAI's clients raise as ``APIError``.
 from __future__ import annotations
 
 import abc
-import codecs
 import dataclasses
 import time
 import uuid
@@ -34,7 +33,7 @@ from starcoder_serving.engine.validation import Choice, ValidRequest
 from starcoder_serving.errors import ServingError
 from starcoder_serving.events import TokenLogprob
 from starcoder_serving.text.assembler import Completion
-from starcoder_serving.text.token_texts import TokenTexts
+from starcoder_serving.text.token_texts import TextPositions, TokenTexts
 
 # JSON has no -inf; OpenAI-compatible servers clamp to this (a token the model itself gives no probability).
 MIN_LOGPROB = -9999.0
@@ -45,43 +44,71 @@ def _clamp(logprob: float) -> float:
 
 
 class LegacyLogprobs:
-    """``/v1/completions`` logprobs: tokens, token_logprobs, top_logprobs, text_offset (into the choice's text)."""
+    """One choice's ``/v1/completions`` logprobs: tokens, token_logprobs, top_logprobs, text_offset.
 
-    def __init__(self, texts: TokenTexts, start_offset: int) -> None:
+    ``text_offset`` indexes the choice's text: a token's offset is where its text starts there (``TextPositions``).
+    The echoed prompt comes first, with its special tokens as the client wrote them; a generated special token adds
+    nothing, as the completion leaves it out; a token past a stop sequence's cut sits at the text's end. Streamed, an
+    entry waits for the chunk whose text reaches its offset (a possible stop sequence holds text back); the choice's
+    last chunk gives the rest.
+    """
+
+    def __init__(self, texts: TokenTexts, echo: str) -> None:
         self._texts = texts
-        self._offset = start_offset
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._echo = echo
+        self._positions = TextPositions(texts.shown_bytes_of, len(echo))
+        self._shown = len(echo)  # the choice's text so far
+        self._held: list[tuple[TokenLogprob, int]] = []  # entries whose offset is past it, with their offset
 
     def render_prompt(self, first_token: int, scores: list[TokenLogprob]) -> dict[str, list[Any]]:
         """The prompt's tokens: the first has nothing before it to be scored against (null)."""
-        out = {
-            "tokens": [self._texts.text_of(first_token)],
-            "token_logprobs": [None],
-            "top_logprobs": [None],
-            "text_offset": [self._offset],
-        }
-        self._offset += len(self._utf8.decode(self._texts.bytes_of(first_token)))
-        for field, values in self.render(tuple(scores)).items():
-            out[field] += values
+        positions = TextPositions(self._texts.bytes_of)  # the echo shows the prompt's special tokens
+        out = self._fields()
+        self._append(out, first_token, None, min(positions.advance(first_token), len(self._echo)))
+        for entry in scores:
+            self._append(out, entry.token_id, entry, min(positions.advance(entry.token_id), len(self._echo)))
         return out
 
-    def render(self, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
-        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for entry in logprobs:
-            out["tokens"].append(self._texts.text_of(entry.token_id))
-            out["token_logprobs"].append(_clamp(entry.logprob))
-            # As OpenAI: the top k, plus the chosen token (so up to k + 1 entries).
-            top = {self._texts.text_of(token_id): _clamp(lp) for token_id, lp in entry.top}
-            top.setdefault(self._texts.text_of(entry.token_id), _clamp(entry.logprob))
-            out["top_logprobs"].append(top)
-            out["text_offset"].append(self._offset)
-            self._offset += len(self._utf8.decode(self._texts.bytes_of(entry.token_id)))
+    def render(self, logprobs: tuple[TokenLogprob, ...], text: str, *, last: bool) -> dict[str, list[Any]]:
+        """The entries of generated tokens that came with ``text``, and those held back until now; ``last``: the
+        choice's text is complete, every entry goes."""
+        self._shown += len(text)
+        self._held += [(entry, self._positions.advance(entry.token_id)) for entry in logprobs]
+        ready = len(self._held) if last else sum(1 for _, offset in self._held if offset <= self._shown)
+        out = self._fields()
+        for entry, offset in self._held[:ready]:
+            self._append(out, entry.token_id, entry, min(offset, self._shown))
+        del self._held[:ready]
         return out
+
+    @staticmethod
+    def _fields() -> dict[str, list[Any]]:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def _append(self, out: dict[str, list[Any]], token_id: int, entry: TokenLogprob | None, offset: int) -> None:
+        out["tokens"].append(self._texts.text_of(token_id))
+        out["text_offset"].append(offset)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            return
+        out["token_logprobs"].append(_clamp(entry.logprob))
+        # As OpenAI: the top k, plus the chosen token (so up to k + 1 entries).
+        top = {self._texts.text_of(t): _clamp(lp) for t, lp in entry.top}
+        top.setdefault(self._texts.text_of(token_id), _clamp(entry.logprob))
+        out["top_logprobs"].append(top)
 
 
 def chat_logprobs(texts: TokenTexts, logprobs: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """Chat's logprobs. A token's ``bytes`` are what it adds to the message's content (as a completion's
+    ``text_offset``): none for a special token, which the content leaves out, though ``token`` names it."""
+
     def item(token_id: int, logprob: float) -> dict[str, Any]:
-        return {"token": texts.text_of(token_id), "logprob": _clamp(logprob), "bytes": list(texts.bytes_of(token_id))}
+        return {
+            "token": texts.text_of(token_id),
+            "logprob": _clamp(logprob),
+            "bytes": list(texts.shown_bytes_of(token_id)),
+        }
 
     return {
         "content": [
@@ -90,6 +117,10 @@ def chat_logprobs(texts: TokenTexts, logprobs: tuple[TokenLogprob, ...]) -> dict
         ],
         "refusal": None,
     }
+
+
+# A streamed choice's logprobs: (a delta's entries, its text, whether the choice is over) to the chunk's logprobs.
+StreamLogprobs = Callable[[tuple[TokenLogprob, ...], str, bool], dict[str, Any] | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +195,7 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
         async for event in events:
             if isinstance(event, ChoiceDelta):
                 render = logprobs[event.choice.index]
-                rendered = render(event.delta.token_logprobs) if render is not None else None
+                rendered = render(event.delta.token_logprobs, event.delta.text, False) if render is not None else None
                 yield self._chunk(answer, event.choice.index, self._delta(event.delta.text), logprobs=rendered)
             elif event.error is not None:
                 # Headers are sent: say it as an error event, which OpenAI's clients raise as APIError.
@@ -175,7 +206,9 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
             else:
                 completion_tokens += event.completion.completion_tokens
                 reason = FINISH_REASONS[event.completion.finish_reason.value]
-                yield self._chunk(answer, event.choice.index, self._delta(None), finish_reason=reason)
+                render = logprobs[event.choice.index]
+                rest = render((), "", True) if render is not None else None  # entries held back until the end
+                yield self._chunk(answer, event.choice.index, self._delta(None), logprobs=rest, finish_reason=reason)
         if answer.include_usage:
             yield sse({**self._chunk_head(answer), "choices": [], "usage": answer.usage(completion_tokens)})
         yield SSE_DONE
@@ -215,8 +248,9 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
         """A whole answer's choice: its logprobs, or None when none were asked for."""
 
     @abc.abstractmethod
-    def _stream_logprobs(self, choice: Choice) -> Callable[[tuple[TokenLogprob, ...]], dict[str, Any]] | None:
-        """A function from a delta's logprob entries to the chunk's logprobs, or None without logprobs."""
+    def _stream_logprobs(self, choice: Choice) -> StreamLogprobs | None:
+        """A streamed choice's logprobs renderer (a delta's entries and text to the chunk's logprobs; the last
+        call, with none, gives what was held back, for the choice's last chunk), or None without logprobs."""
 
     @abc.abstractmethod
     def _opening(self, choice: Choice) -> Any:
@@ -246,19 +280,27 @@ class CompletionsProtocol(_OpenAIProtocol):
         if valid.request.output.score_prompt:
             # The prompt's tokens first (the first one has no logprob, as OpenAI and vLLM show it), then the
             # generated ones; text_offset indexes the whole text, prompt included.
-            legacy = LegacyLogprobs(self.texts, 0)
+            legacy = LegacyLogprobs(self.texts, choice.prompt.echo)
             logprobs = legacy.render_prompt(choice.prompt.prompt_ids[0], outcome.prompt_scores[choice.prompt.index])
-            for field, values in legacy.render(completion.token_logprobs).items():
+            for field, values in legacy.render(completion.token_logprobs, completion.text, last=True).items():
                 logprobs[field] += values
             return logprobs
         if valid.request.sampling.logprobs is None:
             return None
-        return LegacyLogprobs(self.texts, len(choice.prompt.echo)).render(completion.token_logprobs)
+        return LegacyLogprobs(self.texts, choice.prompt.echo).render(
+            completion.token_logprobs, completion.text, last=True
+        )
 
-    def _stream_logprobs(self, choice: Choice) -> Callable[[tuple[TokenLogprob, ...]], dict[str, Any]] | None:
+    def _stream_logprobs(self, choice: Choice) -> StreamLogprobs | None:
         if choice.plan is None or choice.plan.top_logprobs is None:
             return None
-        return LegacyLogprobs(self.texts, len(choice.prompt.echo)).render
+        legacy = LegacyLogprobs(self.texts, choice.prompt.echo)
+
+        def render(entries: tuple[TokenLogprob, ...], text: str, last: bool) -> dict[str, Any] | None:
+            out = legacy.render(entries, text, last=last)
+            return None if last and not out["tokens"] else out  # the last chunk: only entries held back
+
+        return render
 
     def _opening(self, choice: Choice) -> Any:
         return choice.prompt.echo or None
@@ -287,10 +329,10 @@ class ChatProtocol(_OpenAIProtocol):
             return None
         return chat_logprobs(self.texts, completion.token_logprobs)
 
-    def _stream_logprobs(self, choice: Choice) -> Callable[[tuple[TokenLogprob, ...]], dict[str, Any]] | None:
+    def _stream_logprobs(self, choice: Choice) -> StreamLogprobs | None:
         if choice.plan is None or choice.plan.top_logprobs is None:
             return None
-        return lambda entries: chat_logprobs(self.texts, entries)
+        return lambda entries, text, last: None if last else chat_logprobs(self.texts, entries)
 
     def _opening(self, choice: Choice) -> Any:
         return {"role": "assistant", "content": ""}

@@ -27,7 +27,7 @@ from starcoder_serving.engine.validation import ValidRequest
 from starcoder_serving.errors import InvalidRequest, Overloaded, ServingError
 from starcoder_serving.events import FinishReason, TokenLogprob
 from starcoder_serving.text.assembler import Completion
-from starcoder_serving.text.token_texts import TokenTexts
+from starcoder_serving.text.token_texts import TokenPieces, TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +89,21 @@ class TgiProtocol(RouteProtocol[TgiRequest]):
     def _full_text(parsed: TgiRequest, text: str) -> str:
         return parsed.inputs + text if parsed.parameters.return_full_text else text
 
-    def _token(self, entry: TokenLogprob) -> dict[str, Any]:
+    def _token(self, entry: TokenLogprob, text: str) -> dict[str, Any]:
+        """A generated token; its text is what it adds to generated_text (``TokenPieces``): the tokens' texts
+        concatenate to it, streamed or not."""
         return {
             "id": entry.token_id,
-            "text": self.texts.text_of(entry.token_id),
+            "text": text,
             "logprob": entry.logprob,
             "special": entry.token_id in self._special,
         }
+
+    def _token_texts(self, entries: list[TokenLogprob], completion: Completion) -> list[str]:
+        pieces, rest = TokenPieces(self.texts).split([entry.token_id for entry in entries], completion.text)
+        if rest and pieces:  # no token adds text, yet there is some: the first token's
+            pieces[0] = rest
+        return pieces
 
     def _details(
         self,
@@ -110,7 +118,9 @@ class TgiProtocol(RouteProtocol[TgiRequest]):
             "generated_tokens": completion.completion_tokens,
             "seed": plan.sampling.seed if not plan.sampling.greedy else None,
             "prefill": prefill,
-            "tokens": [self._token(entry) for entry in entries],
+            "tokens": [
+                self._token(entry, text) for entry, text in zip(entries, self._token_texts(entries, completion))
+            ],
         }
         if plan.sampling.logprobs:
             details["top_tokens"] = [
@@ -128,17 +138,21 @@ class TgiProtocol(RouteProtocol[TgiRequest]):
         """One event per token; the last token's event also carries the text and the details."""
         entries: list[TokenLogprob] = []
         pending: dict[str, Any] | None = None
+        pieces = TokenPieces(self.texts)
         async for event in events:
             if isinstance(event, ChoiceDelta):
                 delta = event.delta
-                last = len(delta.token_logprobs) - 1
-                for i, entry in enumerate(delta.token_logprobs):
+                # Each token's text is its piece of the delta's text: concatenated, tokens give generated_text.
+                texts, rest = pieces.split([entry.token_id for entry in delta.token_logprobs], delta.text)
+                if rest and pending is not None:  # text no token here adds (the end of a character cut short)
+                    pending["token"]["text"] += rest
+                elif rest and texts:
+                    texts[0] = rest
+                for entry, text in zip(delta.token_logprobs, texts):
                     if pending is not None:
                         yield sse(pending)
                     entries.append(entry)
-                    # The delta's text goes with its last token (the others are parts of a character, or
-                    # held back by a possible stop sequence): concatenated, tokens give generated_text.
-                    token = {**self._token(entry), "text": delta.text if i == last else ""}
+                    token = self._token(entry, text)
                     pending = {"index": len(entries), "token": token, "generated_text": None, "details": None}
             elif event.error is not None:
                 logger.warning("TGI stream ended by error: %s", event.error.message)
