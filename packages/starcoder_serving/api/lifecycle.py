@@ -9,7 +9,11 @@ back (``RouteProtocol``); everything between is here, once:
 * **Refuse before a stream starts**: a stream's response begins only once all its sequences are admitted and the
   first event of generation is back (a token, the end, or an error). A full queue or a failed prefill is then a
   status code, not a stream that ends at once; after that, an error can only end the stream, as its protocol says.
-* **Disconnect**: a client that hangs up cancels its generation within one poll interval, streamed or not.
+* **Disconnect**: a client that hangs up cancels its generation within one poll interval, streamed or not, and its
+  prompt scoring before the scoring's next chunk.
+* **Score** each distinct prompt once (``echo`` with ``logprobs``, TGI's ``decoder_input_details``), admitted by its
+  tokens like any request (``Engine.scoring_admitted``).
+* **Render** a large answer (``ANSWER_ON_LOOP_TOKENS``) in a thread, not on the event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from starlette.requests import Request
@@ -48,7 +52,7 @@ class Outcome:
     prompt's own tokens scored (by prompt index; entries for tokens 1..n-1)."""
 
     completions: list[Completion]
-    prompt_scores: dict[int, list[TokenLogprob]]
+    prompt_scores: dict[int, Sequence[TokenLogprob]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,19 @@ async def serve(
         return protocol.error(error)
     if outcome is None:  # the client hung up; nobody reads this
         return protocol.error(InvalidRequest("Client disconnected."))
+    if _rendered_tokens(valid, outcome) > ANSWER_ON_LOOP_TOKENS:
+        # A large answer (a long prompt scored, many choices) is built in a thread: the event loop keeps serving.
+        return await asyncio.to_thread(protocol.answer, parsed, valid, outcome)
     return protocol.answer(parsed, valid, outcome)
+
+
+# Answers with more tokens than this (each rendered with its text, logprob and alternatives) are built off the loop.
+ANSWER_ON_LOOP_TOKENS = 2048
+
+
+def _rendered_tokens(valid: ValidRequest, outcome: Outcome) -> int:
+    scored = sum(len(outcome.prompt_scores.get(choice.prompt.index, ())) for choice in valid.choices)
+    return scored + sum(completion.completion_tokens for completion in outcome.completions)
 
 
 def _validate(engine: Engine, parsed: Parsed) -> ValidRequest:
@@ -119,11 +135,21 @@ def _validate(engine: Engine, parsed: Parsed) -> ValidRequest:
 
 
 async def _complete(engine: Engine, valid: ValidRequest) -> Outcome:
-    scores: dict[int, list[TokenLogprob]] = {}
-    if valid.request.output.score_prompt:  # one forward pass per prompt, however many choices it has
+    scores: dict[int, Sequence[TokenLogprob]] = {}
+    if valid.request.output.score_prompt:
         top = valid.request.sampling.logprobs or 0
+        # Each distinct prompt is scored once, however many choices (n) or copies of it the request has.
+        distinct: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         for prompt in valid.prompts:
-            scores[prompt.index] = await engine.score_prompt(prompt.prompt_ids, top)
+            distinct.setdefault(tuple(prompt.prompt_ids), (prompt.prompt_ids, []))[1].append(prompt.index)
+        # Admitted all together or refused (503 when full) before any is scored; one after the other, so that
+        # another request's scoring takes turns with this one's, not with all of them. A client that leaves cancels
+        # this, which stops the scoring in progress before its next chunk.
+        with engine.scoring_admitted([ids for ids, _ in distinct.values()], generating=len(valid.plans)):
+            for prompt_ids, indices in distinct.values():
+                scored = await engine.score_prompt(prompt_ids, top)
+                for index in indices:
+                    scores[index] = scored
     generated = iter(await engine.complete_all(valid.plans))
     completions = [
         next(generated)

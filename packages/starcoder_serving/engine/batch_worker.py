@@ -380,14 +380,18 @@ class BatchedWorker:
         with self._manager.pause():
             yield
 
-    def yield_to_batch(self) -> None:
-        """From inside ``exclusive()``: let the batch run (at least) one step, then take the model back."""
+    def yield_to_batch(self, seconds: float = 0.0) -> None:
+        """From inside ``exclusive()``: let the batch run (at least) one step, and more for about ``seconds`` while
+        it has requests (a prompt scoring gives it as long as its chunk took), then take the model back."""
         if not self._manager.is_running() or not compat.holds_pause(self._manager) or not self.active_requests:
             return
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        deadline = time.monotonic() + seconds
         try:
             compat.hand_one_step_to_batch(self._manager)
+            while time.monotonic() < deadline and self.active_requests and self._manager.is_running():
+                compat.hand_one_step_to_batch(self._manager)
         finally:
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:

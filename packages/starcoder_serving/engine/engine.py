@@ -8,23 +8,24 @@ streamed and non-streamed requests and for both paths.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from starcoder_serving.engine import cpu_threads, transformers_compat
-from starcoder_serving.engine.generate_worker import GenerateWorker
+from starcoder_serving.engine.generate_worker import SCORING_CHUNK_TOKENS, GenerateWorker, PromptScores
 from starcoder_serving.engine.jobs import GenerationPlan, Job
 from starcoder_serving.engine.path_choice import GenerationPath, Route, choose_path
 from starcoder_serving.engine.request import GenerationRequest
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.engine.validation import RequestValidator, ValidRequest
 from starcoder_serving.errors import InvalidRequest, Overloaded
-from starcoder_serving.events import DoneEvent, FinishReason, TokenLogprob
+from starcoder_serving.events import DoneEvent, FinishReason
 from starcoder_serving.family.profile import ModelProfile
 from starcoder_serving.settings import ServingSettings
 from starcoder_serving.text.assembler import Completion, CompletionCallback, TextAssembler, TextDelta
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 ClientGone = Callable[[], Awaitable[bool]]
 # How often a stream asks: a client that hangs up stops using the model within this (plus one step).
 CLIENT_POLL_SECONDS = 0.05
+# Prompt tokens scored at once (in progress or waiting for the worker), in context windows: past it, 503.
+SCORING_BUDGET_WINDOWS = 16
 
 
 async def wait_until_gone(client_gone: ClientGone) -> None:
@@ -98,6 +101,9 @@ class Engine:
             generation_defaults=SamplingParams.inheritable(defaults),
         )
         self._admitted = 0
+        # Prompt tokens being scored (or waiting to be), at most scoring_token_budget: a few full windows.
+        self._scoring_tokens = 0
+        self.scoring_token_budget = SCORING_BUDGET_WINDOWS * self.context_window
         self._thread_tokenizers = threading.local()
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
 
@@ -299,29 +305,46 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def score_prompt(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob]:
-        """Each prompt token's logprob given the tokens before it (the first has none, so n - 1 entries),
-        with the ``top`` most likely alternatives: one forward pass, with the model to itself."""
+    @contextlib.contextmanager
+    def scoring_admitted(self, prompts: Sequence[Sequence[int]], generating: int = 0) -> Iterator[None]:
+        """Hold capacity for scoring ``prompts`` (each once), or refuse at once: ``Overloaded`` (503) while the
+        server is full, ``InvalidRequest`` (400) when they could never fit. A prompt being scored counts as a
+        request in progress, and its tokens count against ``scoring_token_budget``, the most the server scores at
+        once. ``generating``: the request's generations to come after it, which must fit now too."""
+        tokens = sum(len(prompt) for prompt in prompts)
+        if tokens > self.scoring_token_budget:
+            raise InvalidRequest(
+                f"The prompts to score have {tokens} tokens in all; the server scores at most "
+                f"{self.scoring_token_budget} at once. Send them in several requests.",
+                param="prompt",
+            )
+        self.check_capacity(len(prompts) + generating)
+        if self._scoring_tokens + tokens > self.scoring_token_budget:
+            raise Overloaded(
+                f"The server is at capacity ({self._scoring_tokens} prompt tokens being scored); retry in a moment."
+            )
+        self._admitted += len(prompts)
+        self._scoring_tokens += tokens
+        try:
+            yield
+        finally:
+            self._admitted -= len(prompts)
+            self._scoring_tokens -= tokens
+
+    async def score_prompt(
+        self, prompt_ids: list[int], top: int = 0, *, chunk_tokens: int = SCORING_CHUNK_TOKENS
+    ) -> PromptScores:
+        """Each prompt token's logprob given the tokens before it (the first has none, so n - 1 entries), with the
+        ``top`` most likely alternatives. Scored ``chunk_tokens`` positions at a time on the generate() worker,
+        taking turns with the batch and with a generate() in progress (``GenerateWorker.score``); cancelling the
+        caller stops it before its next chunk. Admission is the caller's (``scoring_admitted``)."""
         if len(prompt_ids) > self.context_window:  # validation refuses such a prompt; this guards the forward pass
             raise InvalidRequest(
                 f"The prompt has {len(prompt_ids)} tokens; at most {self.context_window} can be scored.",
                 param="prompt",
             )
-
-        def forward(model: Any) -> list[TokenLogprob]:
-            import torch
-
-            ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            chosen = logprobs.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
-            tops = logprobs.topk(top, dim=-1) if top else None
-            entries = []
-            for i, token_id in enumerate(prompt_ids[1:]):
-                alternatives = tuple(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else ()
-                entries.append(TokenLogprob(token_id, chosen[i], alternatives))
-            return entries
-
-        return await asyncio.wrap_future(self._worker.run_exclusive(forward))
+        # Cancelling this await cancels the wrapped future, which the worker sees before the next chunk.
+        return await asyncio.wrap_future(self._worker.score(prompt_ids, top, chunk_tokens))
 
     def warm_up(self) -> None:
         """Serve one short request down each path before the replica reports ready.

@@ -1,25 +1,32 @@
 """The thread that runs plain ``model.generate()``, one request at a time, for the requests ``path_choice``
 sends here: beam search; with ``async_batching`` on, those that need their latest token on the host each step
-(n-gram and multi-token bad-word bans, logprobs); and everything when continuous batching is off. It also runs
-one-off forward passes with the model to itself (``run_exclusive``: prompt scoring).
+(n-gram and multi-token bad-word bans, logprobs); and everything when continuous batching is off. It also scores
+prompts (``score``: OpenAI's ``echo`` with ``logprobs``, TGI's ``decoder_input_details``).
 
 Serves every sampling parameter (beam search included), in the batch's order (``batch_sampler.py``), and records
 the same logprobs: the model's own distribution, before any processing. Tokens reach the request's event
 queue through a transformers streamer as they are produced; a stopping criterion polls the job's
 cancel flag every step, so a cancelled request stops within one token.
+
+Prompt scoring is a side task, run a chunk of ``SCORING_CHUNK_TOKENS`` positions at a time over the model's KV cache
+(``PromptScorer``), keeping per position only the chosen token's logprob and the top alternatives. Chunks take
+turns: with each other (one chunk of each scoring in progress, round robin), with the batch (after a chunk, the batch
+runs about as long as the chunk took), and with a ``generate()`` in progress (one chunk between two of its steps), so
+a short scoring never waits behind a long beam search or a long scoring, and neither parks the batch for long. A
+scoring whose future is cancelled (its client left) is dropped before its next chunk.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, overload
 
 import torch
 from transformers import (
@@ -43,8 +50,6 @@ from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent, TokenL
 
 logger = logging.getLogger(__name__)
 
-
-T = TypeVar("T")
 
 # Parameters whose processors _logits_processors builds itself, in the batch's order; generate() would
 # otherwise put them before our logprob recorder, logit bias and presence/frequency penalties.
@@ -84,12 +89,9 @@ _OFF_IN_GENERATE: dict[str, Any] = {
 }
 # Rows of logits turned into logprobs at a time when a finished beam search's tokens are scored.
 _SCORING_CHUNK = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class _Task(Generic[T]):
-    fn: Callable[[Any], T]
-    future: concurrent.futures.Future[T]
+# Prompt positions per forward pass when a prompt is scored: the most any scoring holds the model at once, and the
+# most logits (this many rows of the vocabulary) it holds in memory.
+SCORING_CHUNK_TOKENS = 512
 
 
 class _CancelCriterion(StoppingCriteria):
@@ -107,17 +109,18 @@ class ModelAccess(Protocol):
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
 
-    def yield_to_batch(self) -> None: ...
+    def yield_to_batch(self, seconds: float = 0.0) -> None: ...
 
 
-class _YieldCriterion(StoppingCriteria):
-    """Never stops; between two decode steps hands the model to the batch loop for one of its steps."""
+class _BetweenSteps(StoppingCriteria):
+    """Never stops; between two decode steps hands the model to the batch loop for one of its steps, and runs one
+    chunk of a prompt scoring if one waits (``GenerateWorker._between_steps``)."""
 
-    def __init__(self, access: ModelAccess) -> None:
-        self._access = access
+    def __init__(self, worker: GenerateWorker) -> None:
+        self._worker = worker
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        self._access.yield_to_batch()
+        self._worker._between_steps()
         return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
 
 
@@ -231,6 +234,122 @@ class _TokenForwarder(BaseStreamer):
         pass
 
 
+class PromptScores(Sequence[TokenLogprob]):
+    """A scored prompt: for each of its tokens after the first, the token's logprob given the tokens before it and
+    the ``top`` most likely alternatives there. Held as arrays (4 + 8 * top bytes a token); entries are built as
+    they are read, so a long prompt costs no more than its numbers until its answer is rendered."""
+
+    _BLOCK = 1024  # entries converted to Python at a time while iterating
+
+    def __init__(
+        self, token_ids: list[int], chosen: torch.Tensor, top_ids: torch.Tensor, top_values: torch.Tensor
+    ) -> None:
+        self._token_ids = token_ids
+        self._chosen = chosen
+        self._top_ids = top_ids
+        self._top_values = top_values
+
+    def __len__(self) -> int:
+        return len(self._token_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> TokenLogprob: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TokenLogprob]: ...
+
+    def __getitem__(self, index: int | slice) -> TokenLogprob | list[TokenLogprob]:
+        if isinstance(index, slice):
+            return list(self._entries(*index.indices(len(self))))
+        position = range(len(self))[index]  # IndexError past the end; negative indices count from it
+        return next(self._entries(position, position + 1, 1))
+
+    def __iter__(self) -> Iterator[TokenLogprob]:
+        return self._entries(0, len(self), 1)
+
+    def _entries(self, start: int, stop: int, step: int) -> Iterator[TokenLogprob]:
+        if step != 1:
+            for position in range(start, stop, step):
+                yield from self._entries(position, position + 1, 1)
+            return
+        for first in range(start, stop, self._BLOCK):
+            last = min(first + self._BLOCK, stop)
+            ids = self._token_ids[first:last]
+            chosen = self._chosen[first:last].tolist()
+            top_ids = self._top_ids[first:last].tolist()
+            top_values = self._top_values[first:last].tolist()
+            for i, token_id in enumerate(ids):
+                yield TokenLogprob(token_id, chosen[i], tuple(zip(top_ids[i], top_values[i])))
+
+
+class PromptScorer:
+    """Scores one prompt ``chunk_tokens`` positions per forward pass, the model's KV cache carrying the earlier
+    positions from one pass to the next; per position it keeps only the chosen token's logprob and the ``top``
+    alternatives (log_softmax of the raw logits, computed one chunk at a time). ``step`` runs one chunk with the
+    model held (inside ``exclusive()`` and ``torch.inference_mode()``); ``done`` once every position is scored."""
+
+    def __init__(self, prompt_ids: list[int], top: int, chunk_tokens: int = SCORING_CHUNK_TOKENS) -> None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, not {chunk_tokens}")
+        self.prompt_ids = prompt_ids
+        self._chunk = chunk_tokens
+        self._ids = torch.tensor(prompt_ids, dtype=torch.long)
+        # Position i (0 <= i < n - 1) predicts token i + 1; the last token predicts nothing and is never fed.
+        scored = max(len(prompt_ids) - 1, 0)
+        self._chosen = torch.empty(scored, dtype=torch.float32)
+        self._top_ids = torch.empty((scored, top), dtype=torch.int32)
+        self._top_values = torch.empty((scored, top), dtype=torch.float32)
+        self._fed = 0
+        self._cache: Any = None
+        self.chunks_run = 0
+
+    @property
+    def positions(self) -> int:
+        return len(self._chosen)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.positions // self._chunk)
+
+    @property
+    def done(self) -> bool:
+        return self._fed >= self.positions
+
+    def step(self, model: Any) -> None:
+        start, end = self._fed, min(self._fed + self._chunk, self.positions)
+        device = model.device
+        output = model(
+            input_ids=self._ids[start:end].unsqueeze(0).to(device), past_key_values=self._cache, use_cache=True
+        )
+        # The last chunk's cache is not needed: dropped at once, not when the scoring is.
+        self._cache = output.past_key_values if end < self.positions else None
+        logprobs = _raw_logprobs(output.logits[0])
+        del output
+        targets = self._ids[start + 1 : end + 1].to(device)
+        self._chosen[start:end] = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).cpu()
+        top = self._top_ids.shape[1]
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            self._top_values[start:end] = values.cpu()
+            self._top_ids[start:end] = indices.to(torch.int32).cpu()
+        self._fed = end
+        self.chunks_run += 1
+
+    def result(self) -> PromptScores:
+        return PromptScores(self.prompt_ids[1:], self._chosen, self._top_ids, self._top_values)
+
+
+class _Scoring:
+    """A prompt scoring queued on the worker: its scorer and the future its result goes to. The future stays
+    pending while it runs, so that the caller can cancel it (asyncio cancels a wrapped future when its awaiting
+    task is cancelled); the worker then drops it before its next chunk."""
+
+    def __init__(self, scorer: PromptScorer, future: concurrent.futures.Future[PromptScores]) -> None:
+        self.scorer = scorer
+        self.future = future
+        self.started = time.perf_counter()
+
+
 class GenerateWorker:
     def __init__(
         self, model: Any, eos_token_ids: set[int], pad_token_id: int, model_access: ModelAccess | None = None
@@ -241,18 +360,25 @@ class GenerateWorker:
         self._model_access = model_access
         self._eos_token_ids = eos_token_ids
         self._pad_token_id = pad_token_id
-        self._jobs: queue.Queue[Job | _Task[Any] | None] = queue.Queue()
+        # Everything submitted, in order: jobs, scorings, and None to stop. Only the worker thread reads it, moving
+        # jobs and scorings to its own queues (_drain), even in the middle of a generate() (_between_steps).
+        self._inbox: queue.Queue[Job | _Scoring | None] = queue.Queue()
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._scorings: collections.deque[_Scoring] = collections.deque()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="generate-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        self._inbox.put(job)
 
-    def run_exclusive(self, task: Callable[[Any], T]) -> concurrent.futures.Future[T]:
-        """Run ``task(model)`` on this thread with the model to itself (the batch parked), e.g. a forward
-        pass that scores a prompt; its result or exception arrives through the future."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put(_Task(task, future))
+    def score(
+        self, prompt_ids: list[int], top: int, chunk_tokens: int = SCORING_CHUNK_TOKENS
+    ) -> concurrent.futures.Future[PromptScores]:
+        """Score a prompt on this thread, a chunk at a time, taking turns with the batch, with a ``generate()`` in
+        progress and with other scorings. Cancelling the future stops the scoring before its next chunk."""
+        future: concurrent.futures.Future[PromptScores] = concurrent.futures.Future()
+        self._inbox.put(_Scoring(PromptScorer(prompt_ids, top, chunk_tokens), future))
         return future
 
     @property
@@ -260,24 +386,102 @@ class GenerateWorker:
         return self._thread.is_alive()
 
     def shutdown(self) -> None:
-        self._jobs.put(None)
+        self._inbox.put(None)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if isinstance(job, _Task):
-                self._run_task(job)
-            else:
-                self._run_job(job)
+        while True:
+            self._drain(block=not (self._jobs or self._scorings))
+            if self._stopping:
+                break
+            if self._jobs:
+                self._run_job(self._jobs.popleft())
+            elif self._scorings:
+                self._score_while_idle()
+        for job in self._jobs:
+            job.emit(DoneEvent(error=GenerationFailed("The server is shutting down.")))
+        for scoring in self._scorings:
+            self._settle(scoring, error=GenerationFailed("The server is shutting down."))
 
-    def _run_task(self, task: _Task[Any]) -> None:
-        if not task.future.set_running_or_notify_cancel():
-            return
-        access = self._model_access
+    def _drain(self, block: bool) -> None:
+        """Move what was submitted to the worker's queues; with ``block``, wait for something first."""
         try:
-            with access.exclusive() if access is not None else contextlib.nullcontext(), torch.inference_mode():
-                task.future.set_result(task.fn(self._model))
-        except Exception as exc:  # noqa: BLE001 - delivered to the caller, the worker lives on
-            task.future.set_exception(exc)
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    self._stopping = True
+                elif isinstance(item, _Scoring):
+                    self._scorings.append(item)
+                else:
+                    self._jobs.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _score_while_idle(self) -> None:
+        """No generate() to run: score chunk by chunk, each followed by the batch's turn, until a job comes."""
+        access = self._model_access
+        with access.exclusive() if access is not None else contextlib.nullcontext(), torch.inference_mode():
+            while self._scorings and not self._jobs and not self._stopping:
+                self._score_one_chunk()
+                self._drain(block=False)
+
+    def _between_steps(self) -> None:
+        """Between two steps of a generate() (the model held): the batch's step, then one chunk of a scoring."""
+        if self._model_access is not None:
+            self._model_access.yield_to_batch()
+        self._drain(block=False)
+        if self._scorings:
+            self._score_one_chunk()
+
+    def _score_one_chunk(self) -> None:
+        """One chunk of the first scoring in line, which then goes to the back of the line; then the batch runs
+        about as long as the chunk took. The model is held (inside ``exclusive()``)."""
+        scoring = self._scorings.popleft()
+        scorer = scoring.scorer
+        if scoring.future.cancelled():  # its client left
+            self._log_scoring(scoring, "cancelled")
+            return
+        started = time.perf_counter()
+        try:
+            if not scorer.done:
+                scorer.step(self._model)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            logger.warning("prompt scoring: CUDA out of memory (%d prompt tokens)", len(scorer.prompt_ids))
+            self._settle(scoring, error=out_of_memory())
+            return
+        except Exception:  # the worker must survive anything one request does
+            logger.exception("prompt scoring failed")
+            self._settle(scoring, error=GenerationFailed("Scoring the prompt failed. Retry the request."))
+            return
+        if scorer.done:
+            self._settle(scoring)
+        else:
+            self._scorings.append(scoring)
+        if self._model_access is not None:
+            self._model_access.yield_to_batch(time.perf_counter() - started)
+
+    def _settle(self, scoring: _Scoring, error: Exception | None = None) -> None:
+        try:
+            if error is None:
+                scoring.future.set_result(scoring.scorer.result())
+            else:
+                scoring.future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile: nobody waits for it
+            pass
+        self._log_scoring(scoring, "failed" if error is not None else "done")
+
+    @staticmethod
+    def _log_scoring(scoring: _Scoring, outcome: str) -> None:
+        scorer = scoring.scorer
+        logger.info(
+            "prompt scoring %s: prompt_tokens=%d chunks=%d/%d seconds=%.3f",
+            outcome,
+            len(scorer.prompt_ids),
+            scorer.chunks_run,
+            scorer.chunks,
+            time.perf_counter() - scoring.started,
+        )
 
     def _run_job(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -291,7 +495,7 @@ class GenerateWorker:
         recorder = _LogprobRecorder() if plan.top_logprobs is not None and not beam_search else None
         forwarder = _TokenForwarder(job, recorder)
         access = self._model_access
-        criteria = [_CancelCriterion(job)] + ([_YieldCriterion(access)] if access is not None else [])
+        criteria = [_CancelCriterion(job), _BetweenSteps(self)]
         try:
             input_ids = torch.tensor([plan.prompt_ids], dtype=torch.long, device=self._model.device)
             with access.exclusive() if access is not None else contextlib.nullcontext(), torch.inference_mode():
