@@ -147,10 +147,13 @@ def test_scoring_past_capacity_gets_503_and_a_hang_up_frees_it(server: RunningSe
     async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
         async with httpx.AsyncClient(timeout=60) as client:
             # 16 distinct prompts of 8,190 tokens: 131,040 of the 131,072 tokens the server scores at once.
-            holder = asyncio.create_task(client.post(url, json=_scoring(_token_prompts(16, window - 2))))
+            holding = _scoring(_token_prompts(16, window - 2))
+            holder = asyncio.create_task(client.post(url, json=holding))
             probe = _scoring([[5] * 40])  # 40 more tokens do not fit while the holder is scored
             deadline = time.monotonic() + 30
             while (refused := await client.post(url, json=probe)).status_code == 200 and time.monotonic() < deadline:
+                if holder.done():  # refused while a probe was scored: the two did not fit together either
+                    holder = asyncio.create_task(client.post(url, json=holding))
                 await asyncio.sleep(0.02)  # the holder is not admitted yet
             too_big = await client.post(url, json=_scoring(_token_prompts(17, 8000)))
             holder.cancel()  # hang up
