@@ -112,6 +112,7 @@ REFUSED_COMPLETIONS: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "x", "presence_penalty": 2.1}, "presence_penalty", "`presence_penalty`"),
     ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty", "`frequency_penalty`"),
     ({"prompt": "x", "logit_bias": {"a1": 5}}, "logit_bias", "decimal strings"),
+    ({"prompt": "x", "logit_bias": {"a1": 5, "7": 1, "-3": 2, "1e3": 1}}, "logit_bias", "got 'a1', '-3', '1e3'."),
     ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias.1", "less than or equal to 100"),
     ({"prompt": "x", "best_of": 2}, "best_of", "does not rank"),
     ({"prompt": "x", "echo": True, "logprobs": 0, "stream": True}, "stream", "not streamed"),

@@ -36,6 +36,8 @@ TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1
 DEFAULT_TEMPERATURE = 1.0
 # The most prompts one /v1/completions request may batch.
 MAX_PROMPTS = 64
+# The most wrong logit_bias keys one message quotes (the rest are counted).
+MAX_KEYS_NAMED = 10
 # OpenAI's own limits on logprobs counts.
 MAX_COMPLETION_LOGPROBS = 5
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -106,12 +108,14 @@ class SamplingRequest(CommonFields):
 
     def check_supported(self) -> None:
         """Refuse, by name, every sent parameter this server cannot honour."""
-        for key in self.logit_bias or {}:
-            if not (key.isascii() and key.isdigit() and len(key) <= 9):
-                raise InvalidRequest(
-                    f'`logit_bias` keys must be token ids written as decimal strings (like "50256"); got {key[:40]!r}.',
-                    param="logit_bias",
-                )
+        bad = [key for key in self.logit_bias or {} if not (key.isascii() and key.isdigit() and len(key) <= 9)]
+        if bad:
+            shown = ", ".join(repr(key[:40]) for key in bad[:MAX_KEYS_NAMED])
+            more = f" and {len(bad) - MAX_KEYS_NAMED} more" if len(bad) > MAX_KEYS_NAMED else ""
+            raise InvalidRequest(
+                f'`logit_bias` keys must be token ids written as decimal strings (like "50256"); got {shown}{more}.',
+                param="logit_bias",
+            )
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest('`stream_options` is only allowed with "stream": true.', param="stream_options")
 
