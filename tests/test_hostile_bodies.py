@@ -150,20 +150,31 @@ def test_the_largest_seed_with_n_sequences_is_served_streamed_or_not(server: Run
     assert not any('"error"' in event for event in events)
 
 
-BEAM_PATH_OVERFLOWS = [
-    ({"exponential_decay_length_penalty": [0, 2.0], "max_new_tokens": 1100, "min_new_tokens": 1100}, "overflows"),
-    ({"exponential_decay_length_penalty": [0, 1e100], "max_new_tokens": 8}, "overflows"),
+def test_an_exponential_decay_past_float_range_is_served_on_both_paths(server: RunningServer) -> None:
+    """factor ** (tokens past the start) overflows a float within a few tokens: transformers' own processor raised
+    OverflowError under beam search (a 500), while the batch computed +inf (an end token wins). Both now do the
+    latter; min_new_tokens still holds the end tokens back."""
+    for extra in ({"num_beams": 2}, {}):
+        body = {"prompt": "def f(", "exponential_decay_length_penalty": [0, 1e100], "max_new_tokens": 8, **extra}
+        response = httpx.post(server.predict_url, json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        held = {**body, "min_new_tokens": 8, "exponential_decay_length_penalty": [0, 1e300]}
+        response = httpx.post(server.predict_url, json=held, timeout=60)
+        assert response.status_code == 200 and response.json()["data"]["completion_tokens"] == 8, response.text
+
+
+BEAM_PATH_REFUSALS = [
     ({"length_penalty": 1e308, "max_new_tokens": 8}, "overflows"),
     ({"suppress_tokens": list(range(694)), "max_new_tokens": 8}, "leave no token"),
 ]
 
 
-@pytest.mark.parametrize(("parameters", "expected"), BEAM_PATH_OVERFLOWS)
+@pytest.mark.parametrize(("parameters", "expected"), BEAM_PATH_REFUSALS)
 def test_what_beam_search_cannot_compute_is_a_400_on_both_paths(
     server: RunningServer, parameters: dict[str, object], expected: str
 ) -> None:
-    """transformers' beam search raised OverflowError (a 500) or answered an empty text where the batch refused:
-    the request is refused before any work, whichever path would serve it."""
+    """transformers' beam search raised OverflowError (a 500), or answered an empty text where the batch failed
+    the request: both are refused before any work, whichever path would serve the request."""
     beams = httpx.post(server.predict_url, json={"prompt": "x", **parameters, "num_beams": 2}, timeout=60)
     assert beams.status_code == 400 and expected in message_of(beams), beams.text
     # The batch's answer is a 400 as well (length_penalty alone: transformers' "only used with beams").

@@ -30,7 +30,6 @@ from typing import Any, Protocol, overload
 
 import torch
 from transformers import (
-    ExponentialDecayLengthPenalty,
     LogitsProcessor,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -142,6 +141,26 @@ class AdditivePenalties(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+
+
+class ExponentialDecay(LogitsProcessor):
+    """transformers' ExponentialDecayLengthPenalty: after ``start`` new tokens, the end tokens' scores rise by
+    (factor ** (new tokens - start) - 1) * |score|. Computed in float64 tensors, as the batch does: a power past
+    float range is +inf (an end token then wins) where transformers' Python float raises OverflowError."""
+
+    def __init__(self, start: int, factor: float, end_ids: torch.Tensor, prompt_length: int) -> None:
+        self._start = prompt_length + start
+        self._factor = factor
+        self._end_ids = end_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        past = input_ids.shape[-1] - self._start
+        if past <= 0:
+            return scores
+        growth = float(torch.tensor(self._factor, dtype=torch.float64).pow(past)) - 1.0
+        ends = scores[:, self._end_ids]
+        penalty = (ends.abs() * growth).masked_fill(~torch.isfinite(ends), 0.0)
+        return scores.index_copy(1, self._end_ids, ends + penalty)
 
 
 class LogitBias(LogitsProcessor):
@@ -594,8 +613,8 @@ class GenerateWorker:
                 MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, end_ids, device=device)
             )
         if sampling.exponential_decay_length_penalty is not None:
-            decay = tuple(sampling.exponential_decay_length_penalty)
-            processors.append(ExponentialDecayLengthPenalty(decay, end_ids, prompt_length))  # type: ignore[arg-type]
+            start, factor = sampling.exponential_decay_length_penalty
+            processors.append(ExponentialDecay(start, factor, end_ids, prompt_length))
         if banned := [*sampling.suppress_tokens, *(word[0] for word in sampling.bad_words_ids if len(word) == 1)]:
             processors.append(SuppressTokensLogitsProcessor(banned, device=device))
         if sampling.begin_suppress_tokens:

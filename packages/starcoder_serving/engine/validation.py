@@ -293,21 +293,8 @@ class RequestValidator:
 
     @staticmethod
     def _check_overflows(sampling: SamplingParams, max_new_tokens: int, name: FieldNames) -> None:
-        """transformers computes two powers in Python floats, which raise OverflowError once they leave float range:
-        ExponentialDecayLengthPenalty's factor ** (tokens past its start), and beam search's length ** length_penalty.
-        Refused for both paths, so they answer alike."""
-        decay = sampling.exponential_decay_length_penalty
-        if (
-            decay is not None
-            and decay[1] > 1.0
-            and (max_new_tokens - decay[0]) * math.log(decay[1]) >= _LARGEST_EXPONENT
-        ):
-            field = name("exponential_decay_length_penalty")
-            raise InvalidRequest(
-                f"`{field}` [{decay[0]}, {decay[1]:g}]: {decay[1]:g} ** ({max_new_tokens} - {decay[0]}) new tokens "
-                "overflows; lower the factor, raise the start or send fewer new tokens.",
-                param=field,
-            )
+        """Beam search scores a beam by length ** length_penalty in a Python float, which raises OverflowError past
+        float range: refused here instead of failing mid-search (the batch never uses length_penalty)."""
         penalty = sampling.length_penalty
         if sampling.beam_search and penalty is not None and penalty * math.log(max_new_tokens + 1) >= _LARGEST_EXPONENT:
             field = name("length_penalty")
