@@ -204,3 +204,23 @@ def test_a_short_scoring_is_served_while_a_long_beam_search_runs(server: Running
     assert still_searching and waited < 1.0
     assert len(completion.json()["choices"][0]["logprobs"]["tokens"]) > 1
     assert tgi_answer.json()[0]["details"]["prefill"][1]["logprob"] is not None
+
+
+def test_a_large_answer_is_sent_a_choice_at_a_time_and_reads_as_one(
+    server: RunningServer, tiny_model_dir: Path
+) -> None:
+    """Past ANSWER_ON_LOOP_TOKENS the answer is streamed a choice at a time (memory holds one choice, not ~100 MB for
+    the largest requests): it is still one JSON document, the same as a small answer's."""
+    prompts = _token_prompts(2, 1200)
+    response = httpx.post(server.base_url + "/v1/completions", json={**_scoring(prompts), "n": 2}, timeout=60)
+    assert response.status_code == 200 and "content-length" not in response.headers  # sent in pieces
+    answer = response.json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert answer["usage"]["prompt_tokens"] == 2400 and answer["object"] == "text_completion"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for choice, ids in zip(answer["choices"][::2], prompts):
+        reference = _reference_logprobs(model, ids)
+        chosen = reference.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        got = torch.tensor(choice["logprobs"]["token_logprobs"][1:])
+        torch.testing.assert_close(got, chosen, atol=1e-4, rtol=0)
+    assert answer["choices"][0]["logprobs"] == answer["choices"][1]["logprobs"]  # one prompt, scored once

@@ -115,7 +115,7 @@ async def serve(
         return protocol.error(error)
     if outcome is None:  # the client hung up; nobody reads this
         return protocol.error(InvalidRequest("Client disconnected."))
-    if _rendered_tokens(valid, outcome) > ANSWER_ON_LOOP_TOKENS:
+    if answer_tokens(valid, outcome) > ANSWER_ON_LOOP_TOKENS:
         # A large answer (a long prompt scored, many choices) is built in a thread: the event loop keeps serving.
         return await asyncio.to_thread(protocol.answer, parsed, valid, outcome)
     return protocol.answer(parsed, valid, outcome)
@@ -125,7 +125,8 @@ async def serve(
 ANSWER_ON_LOOP_TOKENS = 2048
 
 
-def _rendered_tokens(valid: ValidRequest, outcome: Outcome) -> int:
+def answer_tokens(valid: ValidRequest, outcome: Outcome) -> int:
+    """How many token entries an answer renders (each with its text, logprob and alternatives)."""
     scored = sum(len(outcome.prompt_scores.get(choice.prompt.index, ())) for choice in valid.choices)
     return scored + sum(completion.completion_tokens for completion in outcome.completions)
 

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from starcoder_serving.api.lifecycle import ChoiceDelta, ChoiceEvent, Outcome, RouteProtocol
+from starcoder_serving.api.lifecycle import (
+    ANSWER_ON_LOOP_TOKENS,
+    ChoiceDelta,
+    ChoiceEvent,
+    Outcome,
+    RouteProtocol,
+    answer_tokens,
+)
 from starcoder_serving.api.openai_schema import (
     FINISH_REASONS,
     ChatCompletionRequest,
@@ -123,6 +131,18 @@ def chat_logprobs(texts: TokenTexts, logprobs: tuple[TokenLogprob, ...]) -> dict
 StreamLogprobs = Callable[[tuple[TokenLogprob, ...], str, bool], dict[str, Any] | None]
 
 
+def _json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _json_pieces(head: dict[str, Any], choices: Iterator[dict[str, Any]], usage: dict[str, int]) -> Iterator[bytes]:
+    """``{**head, "choices": [...], "usage": usage}`` as JSON, one choice at a time."""
+    yield _json(head)[:-1] + b',"choices":['
+    for i, choice in enumerate(choices):
+        yield (b"," if i else b"") + _json(choice)
+    yield b'],"usage":' + _json(usage) + b"}"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Answer:
     """What every chunk and answer of one request repeats."""
@@ -168,7 +188,9 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
 
     def answer(self, parsed: SamplingRequest, valid: ValidRequest, outcome: Outcome) -> Response:
         answer = self._begin(parsed, valid)
-        choices = [
+        usage = answer.usage(sum(c.completion_tokens for c in outcome.completions))
+        head = {"id": answer.id, "object": self.answer_object, "created": answer.created, "model": answer.model}
+        choices = (
             {
                 "index": choice.index,
                 **self._choice_text(choice, completion),
@@ -176,10 +198,12 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
                 "finish_reason": FINISH_REASONS[completion.finish_reason.value],
             }
             for choice, completion in zip(valid.choices, outcome.completions)
-        ]
-        usage = answer.usage(sum(c.completion_tokens for c in outcome.completions))
-        head = {"id": answer.id, "object": self.answer_object, "created": answer.created, "model": answer.model}
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        )
+        if answer_tokens(valid, outcome) <= ANSWER_ON_LOOP_TOKENS:
+            return JSONResponse({**head, "choices": list(choices), "usage": usage})
+        # A large answer (a long prompt scored: ~100 MB for 64 prompts of 8,000 tokens) is sent a choice at a time,
+        # each rendered and encoded in starlette's thread pool: memory holds one choice, not the whole answer.
+        return StreamingResponse(_json_pieces(head, choices, usage), media_type="application/json")
 
     async def stream(
         self, parsed: SamplingRequest, valid: ValidRequest, events: AsyncIterator[ChoiceEvent]
