@@ -173,7 +173,7 @@ def serving(
                 pass
             if time.monotonic() > deadline:
                 raise ServerFailed(f"{name} was not ready in {ready_timeout_s:.0f} s:\n{log_tail()}")
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield
     finally:
         process.terminate()

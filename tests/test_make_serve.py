@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from devtools.truss_local import REPO_ROOT, free_port
+from devtools.truss_local import DEFAULT_LAYOUT_DIR, REPO_ROOT, free_port
+
+VICTIMS = ("make", "launcher -9")
 
 
 def port_is_free(port: int) -> bool:
@@ -24,17 +29,37 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def wait_ready(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+@dataclasses.dataclass
+class MakeServe:
+    port: int
+    make: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_make_serve(log: Path, taken: set[int]) -> MakeServe:
+    port = free_port()
+    while port in taken:  # the kernel may hand the same free port out twice
+        port = free_port()
+    env = {**os.environ, "PORT": str(port)}
+    with log.open("wb") as out:
+        make = subprocess.Popen(
+            ["make", "--no-print-directory", "serve"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # like a terminal's job: only the signal we send reaches it
+        )  # fmt: skip
+    return MakeServe(port, make, log)
+
+
+def wait_ready(serve: MakeServe) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
+        assert serve.make.poll() is None, serve.log.read_text()[-3000:]
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models/model", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{serve.port}/v1/models/model", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
-    pytest.fail(f"make serve was not ready in 240 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"make serve was not ready in 240 s:\n{serve.log.read_text()[-3000:]}")
 
 
 def launcher_pids(port: int) -> list[int]:
@@ -53,31 +78,39 @@ def launcher_pids(port: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("victim", ["make", "launcher -9"])
-def test_killing_make_serve_stops_the_server(victim: str, tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "serve.log"
-    env = {**os.environ, "PORT": str(port)}
-    with log.open("wb") as out:
-        make = subprocess.Popen(
-            ["make", "--no-print-directory", "serve"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,  # like a terminal's job: only the signal we send reaches it
-        )  # fmt: skip
+@pytest.fixture(scope="module")
+def make_serves(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, MakeServe]]:
+    """One `make serve` per victim, on two ports, started together: starting is most of each test's time, and the
+    two starts overlap while the first test runs."""
+    logs = tmp_path_factory.mktemp("make-serve")
+    serves: dict[str, MakeServe] = {}
+    for i, victim in enumerate(VICTIMS):
+        serves[victim] = start_make_serve(logs / f"serve-{i}.log", {serve.port for serve in serves.values()})
     try:
-        wait_ready(port, make, log)
-        assert launcher_pids(port)
-        if victim == "make":
-            make.send_signal(signal.SIGTERM)
-        else:
-            os.kill(min(launcher_pids(port)), signal.SIGKILL)  # the launcher, not the server
-        deadline = time.monotonic() + 40
-        while (launcher_pids(port) or not port_is_free(port)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not launcher_pids(port), f"left behind: {launcher_pids(port)}\n{log.read_text()[-2000:]}"
-        assert port_is_free(port)
+        yield serves
     finally:
-        for pid in launcher_pids(port):
-            os.kill(pid, signal.SIGKILL)
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-        make.wait(timeout=30)
+        for serve in serves.values():
+            for pid in launcher_pids(serve.port):
+                os.kill(pid, signal.SIGKILL)
+            if serve.make.poll() is None:
+                os.killpg(serve.make.pid, signal.SIGKILL)
+            serve.make.wait(timeout=30)
+            # The launcher lays the server out per port (.cache/truss-server-PORT).
+            shutil.rmtree(DEFAULT_LAYOUT_DIR.with_name(f"truss-server-{serve.port}"), ignore_errors=True)
+
+
+@pytest.mark.parametrize("victim", VICTIMS)
+def test_killing_make_serve_stops_the_server(victim: str, make_serves: dict[str, MakeServe]) -> None:
+    serve = make_serves[victim]
+    port = serve.port
+    wait_ready(serve)
+    assert launcher_pids(port)
+    if victim == "make":
+        serve.make.send_signal(signal.SIGTERM)
+    else:
+        os.kill(min(launcher_pids(port)), signal.SIGKILL)  # the launcher, not the server
+    deadline = time.monotonic() + 40
+    while (launcher_pids(port) or not port_is_free(port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not launcher_pids(port), f"left behind: {launcher_pids(port)}\n{serve.log.read_text()[-2000:]}"
+    assert port_is_free(port)

@@ -5,6 +5,7 @@ few hundred tokens already cross it), and generation that ends at ``<file_sep>``
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from devtools.tiny_model import STARCODER2_POSITIONS, STARCODER2_SLIDING_WINDOW
 from devtools.truss_local import RunningServer
-from tests.conftest import DATA_DIR, launch_server, tiny_settings
+from tests.conftest import DATA_DIR, tiny_settings
 
 PREDICT = "/v1/models/model:predict"
 # Short and long prompts; most cross the sliding window, with or without their completion.
@@ -50,12 +51,6 @@ def solo(tiny_starcoder2_dir: Path) -> Iterator[Engine]:
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server2(tiny_starcoder2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with launch_server(tiny_starcoder2_dir, tmp_path_factory.mktemp("truss-starcoder2")) as running:
-        yield running
-
-
 def prompt_of(engine: Engine, tokens: int) -> str:
     """A prompt of exactly ``tokens`` tokens (each "x = 1\\n" is 4 of the tiny tokenizer's tokens)."""
     text = "x = 1\n" * (tokens // 4 + 1)
@@ -65,14 +60,15 @@ def prompt_of(engine: Engine, tokens: int) -> str:
     return prompt
 
 
-def greedy_reference(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
+@functools.cache  # the engine test and the server test both ask for the 8 prompts' answers
+def greedy_reference(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[int, ...]:
     """transformers' own generate() on the checkpoint, ending at StarCoder2's end tokens."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     end = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<file_sep>")]
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end, pad_token_id=0)
-    return out[0, ids.shape[1] :].tolist()
+    return tuple(out[0, ids.shape[1] :].tolist())
 
 
 # ---- the profile is read from the checkpoint ----
@@ -185,8 +181,10 @@ def test_batch_with_sliding_window_equals_generate_for_8_concurrent_requests(bat
 # ---- the real server ----
 
 
-def test_server_serves_a_long_prompt_and_names_starcoder2s_window(server2: RunningServer, batched: Engine) -> None:
-    with httpx.Client(base_url=server2.base_url, timeout=120) as client:
+def test_server_serves_a_long_prompt_and_names_starcoder2s_window(
+    starcoder2_server: RunningServer, batched: Engine
+) -> None:
+    with httpx.Client(base_url=starcoder2_server.base_url, timeout=120) as client:
         answer = client.post(PREDICT, json={"prompt": prompt_of(batched, 9000), "max_new_tokens": 8})
         assert answer.status_code == 200, answer.text
         assert answer.json()["data"]["prompt_tokens"] == 9000
@@ -195,8 +193,8 @@ def test_server_serves_a_long_prompt_and_names_starcoder2s_window(server2: Runni
         assert "16384-token context window" in refused.json()["message"]
 
 
-def test_server_fim_and_file_sep_end(server2: RunningServer, tiny_starcoder2_dir: Path) -> None:
-    with httpx.Client(base_url=server2.base_url, timeout=120) as client:
+def test_server_fim_and_file_sep_end(starcoder2_server: RunningServer, tiny_starcoder2_dir: Path) -> None:
+    with httpx.Client(base_url=starcoder2_server.base_url, timeout=120) as client:
         fim = client.post(
             PREDICT, json={"prefix": "def f(x):\n    ", "suffix": "\n    return y\n", "max_new_tokens": 8}
         )
@@ -206,7 +204,7 @@ def test_server_fim_and_file_sep_end(server2: RunningServer, tiny_starcoder2_dir
         prompt = next(p for p in PROMPTS if greedy_reference(tiny_starcoder2_dir, p, 64)[-1] == 6)
         data = client.post(PREDICT, json={"prompt": prompt, "max_new_tokens": 64}).json()["data"]
         assert data["finish_reason"] == "eos" and "<file_sep>" not in data["completion"]
-    completion = openai.OpenAI(base_url=server2.base_url + "/v1", api_key="unused").completions.create(
+    completion = openai.OpenAI(base_url=starcoder2_server.base_url + "/v1", api_key="unused").completions.create(
         model="tiny-starcoder2", prompt="def f(x):\n    ", suffix="\n    return y\n", max_tokens=8
     )
     assert completion.choices[0].finish_reason in {"stop", "length"}
