@@ -139,8 +139,32 @@ def _json_pieces(head: dict[str, Any], choices: Iterator[dict[str, Any]], usage:
     """``{**head, "choices": [...], "usage": usage}`` as JSON, one choice at a time."""
     yield _json(head)[:-1] + b',"choices":['
     for i, choice in enumerate(choices):
-        yield (b"," if i else b"") + _json(choice)
+        if i:
+            yield b","
+        yield from _encoded(choice)
     yield b'],"usage":' + _json(usage) + b"}"
+
+
+# Items of a list encoded by one json.dumps call. json.dumps holds the GIL for the whole call: a scored prompt's
+# logprob lists (8,000 entries each) in one call stalled the event loop's health checks for ~170 ms.
+_ITEMS_PER_PIECE = 256
+
+
+def _encoded(value: Any) -> Iterator[bytes]:
+    """``value`` as JSON, a long list a slice at a time."""
+    if isinstance(value, dict):
+        yield b"{"
+        for i, (key, item) in enumerate(value.items()):
+            yield (b"," if i else b"") + _json(key) + b":"
+            yield from _encoded(item)
+        yield b"}"
+    elif isinstance(value, list) and len(value) > _ITEMS_PER_PIECE:
+        yield b"["
+        for start in range(0, len(value), _ITEMS_PER_PIECE):
+            yield (b"," if start else b"") + _json(value[start : start + _ITEMS_PER_PIECE])[1:-1]
+        yield b"]"
+    else:
+        yield _json(value)
 
 
 @dataclasses.dataclass(frozen=True)
