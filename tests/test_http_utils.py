@@ -56,3 +56,30 @@ def test_cancelling_the_waiter_also_cancels_the_work() -> None:
         return cancelled
 
     assert asyncio.run(scenario()) == [True]
+
+
+def test_large_bodies_are_planned_one_at_a_time_and_small_ones_inline() -> None:
+    """A few clients looping on 1 MiB bodies must not keep every core busy ahead of a short request (issue 22)."""
+    import threading
+    import time
+
+    from starcoder_serving.api.http_body import INLINE_PLANNING_BYTES, LARGE_BODY_BYTES, off_the_loop
+
+    running, most, lock = [0], [0], threading.Lock()
+
+    def work() -> str:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return threading.current_thread().name
+
+    async def scenario() -> tuple[list[str], str, str]:
+        large = await asyncio.gather(*(off_the_loop(LARGE_BODY_BYTES + 1, work) for _ in range(4)))
+        return large, await off_the_loop(INLINE_PLANNING_BYTES, work), await off_the_loop(LARGE_BODY_BYTES, work)
+
+    large, small, medium = asyncio.run(scenario())
+    assert most[0] == 1 and all(name != "MainThread" for name in large)
+    assert small == "MainThread" and medium != "MainThread"

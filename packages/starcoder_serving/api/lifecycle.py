@@ -106,8 +106,7 @@ async def serve(
     try:
         if body is None:
             body = await read_json_object(request, protocol.example)
-        parsed = protocol.parse(body)
-        valid = await plan_request(request, _validate, engine, parsed)
+        parsed, valid = await plan_request(request, _plan, protocol, engine, body)
         if valid.request.output.stream:
             return await _start_stream(protocol, engine, request, parsed, valid)
         outcome = await unless_disconnected(request, _complete(engine, valid))
@@ -131,8 +130,11 @@ def answer_tokens(valid: ValidRequest, outcome: Outcome) -> int:
     return scored + sum(completion.completion_tokens for completion in outcome.completions)
 
 
-def _validate(engine: Engine, parsed: Parsed) -> ValidRequest:
-    return engine.validate(parsed.to_request())
+def _plan(protocol: RouteProtocol[ParsedT], engine: Engine, body: dict[str, Any]) -> tuple[ParsedT, ValidRequest]:
+    """Parse and validate: a long prompt takes a while to check and tokenize, so a large body's planning runs in a
+    worker thread (http_body.plan_request)."""
+    parsed = protocol.parse(body)
+    return parsed, engine.validate(parsed.to_request())
 
 
 async def _complete(engine: Engine, valid: ValidRequest) -> Outcome:
