@@ -40,22 +40,27 @@ def test_stream_default_is_off_and_envelope_unchanged(server: RunningServer) -> 
     assert set(response.json()) == {"status", "data", "message"}
 
 
+# The request's log line (api/metrics.py) when its client left.
+LEFT_LINE = (
+    r"request id=\d+ route=predict path=\w+ status=499 prompt_tokens=\d+ completion_tokens=(\d+) ttft=\S+ "
+    r"duration=\S+ finish_reason=(\w+)"
+)
+
+
 def test_disconnect_mid_stream_stops_generation(server: RunningServer) -> None:
     body = {"prompt": "import os\n", "max_new_tokens": 2000, "min_new_tokens": 2000, "stream": True}
-    done_lines_before = len(re.findall(r"request \d+ done", server.log()))
+    done_lines_before = len(re.findall(LEFT_LINE, server.log()))
     with httpx.stream("POST", server.predict_url, json=body, timeout=60) as response:
         chunks = response.iter_bytes()
         next(chunks), next(chunks)  # generation is under way; now hang up
     deadline = time.monotonic() + 30
     while True:
-        done = re.findall(
-            r"request \d+ done: path=\w+ finish_reason=(\w+) prompt_tokens=\d+ completion_tokens=(\d+)", server.log()
-        )
+        done = re.findall(LEFT_LINE, server.log())
         if len(done) > done_lines_before:
             break
         assert time.monotonic() < deadline, "the generation did not stop after the client left"
         time.sleep(0.1)
-    finish_reason, completion_tokens = done[-1]
+    completion_tokens, finish_reason = done[-1]
     assert finish_reason == "cancelled" and int(completion_tokens) < 2000
     # The engine is idle again: the next request is answered rather than queued behind 2000 tokens.
     assert complete(server, {"prompt": "hello", "max_new_tokens": 3})["completion_tokens"] == 3

@@ -87,6 +87,9 @@ class ServingSettings(pydantic.BaseModel):
     # steps faster than this are delivered a few at a time. Steps slower than this (StarCoder-15.5B on a GPU)
     # are never held. 0: every step at once (engine/jobs.py, PacedDelivery).
     stream_interval_ms: float = pydantic.Field(4.0, ge=0.0, le=100.0)
+    # Debugging only: the per-request log line (api/metrics.py) also carries the prompt and completion text. Off:
+    # a request's text never reaches the logs.
+    log_request_text: bool = False
     instruction_template_file: str = "instruction_template.json"
     # For tokenizers without a chat template of their own: the template file, and where its answers end
     # (where the model would begin the human's next turn).

@@ -14,6 +14,8 @@ back (``RouteProtocol``); everything between is here, once:
 * **Score** each distinct prompt once (``echo`` with ``logprobs``, TGI's ``decoder_input_details``), admitted by its
   tokens like any request (``Engine.scoring_admitted``).
 * **Render** a large answer (``ANSWER_ON_LOOP_TOKENS``) in a thread, not on the event loop.
+* **Record** each request once, at its end (last byte sent, or the client gone: 499), as metrics and one log line
+  (``metrics.RequestRecord``).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import abc
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from starcoder_serving.api.http_body import plan_request, read_json_object, unless_disconnected
-from starcoder_serving.engine.engine import ClientGone, Engine
+from starcoder_serving.api.metrics import RequestRecord
+from starcoder_serving.engine.engine import ClientGone, Engine, StreamTrace
 from starcoder_serving.engine.request import GenerationRequest
 from starcoder_serving.engine.validation import Choice, ValidRequest
 from starcoder_serving.errors import InvalidRequest, ServingError
@@ -78,6 +81,8 @@ class RouteProtocol(abc.ABC, Generic[ParsedT]):
 
     # A body shown to a client whose body is not JSON.
     example: ClassVar[str]
+    # The route's name in metrics and logs: predict, tgi, completions, chat.
+    route: ClassVar[str]
     stream_media_type: ClassVar[str] = "text/event-stream"
     stream_headers: ClassVar[Mapping[str, str]] = {}
 
@@ -100,20 +105,52 @@ class RouteProtocol(abc.ABC, Generic[ParsedT]):
 
 
 async def serve(
-    protocol: RouteProtocol[ParsedT], engine: Engine, request: Request, body: dict[str, Any] | None = None
+    protocol: RouteProtocol[Any],
+    engine: Engine,
+    request: Request,
+    pick: Callable[[dict[str, Any]], RouteProtocol[Any]] | None = None,
 ) -> Any:
-    """One request, start to end. ``body``: already read (predict reads it to tell its two protocols apart)."""
+    """One request, start to end, recorded once (metrics and a log line) when its answer has been sent. ``pick``:
+    the protocol, chosen by the body (predict speaks two); ``protocol`` answers a body that cannot be read."""
+    record = RequestRecord(protocol.route)
     try:
-        if body is None:
-            body = await read_json_object(request, protocol.example)
+        response = await _serve(protocol, engine, request, pick, record)
+    except asyncio.CancelledError:  # the server gave up on a client that left
+        record.client_left = True
+        record.finish(499)
+        raise
+    except BaseException:
+        record.finish(500)  # truss answers 500
+        raise
+    return record.respond(response)
+
+
+async def _serve(
+    protocol: RouteProtocol[Any],
+    engine: Engine,
+    request: Request,
+    pick: Callable[[dict[str, Any]], RouteProtocol[Any]] | None,
+    record: RequestRecord,
+) -> Any:
+    try:
+        body = await read_json_object(request, protocol.example)
+        if pick is not None:
+            protocol = pick(body)
+            record.route = protocol.route
         parsed, valid = await plan_request(request, _plan, protocol, engine, body)
+        record.prompt_tokens = sum(len(prompt.prompt_ids) for prompt in valid.prompts)
+        if engine.settings.log_request_text:
+            record.text = {"prompt": [prompt.rendered.text for prompt in valid.prompts]}
         if valid.request.output.stream:
-            return await _start_stream(protocol, engine, request, parsed, valid)
-        outcome = await unless_disconnected(request, _complete(engine, valid))
+            return await _start_stream(protocol, engine, request, parsed, valid, record)
+        outcome = await unless_disconnected(request, _complete(engine, valid, record.trace))
     except ServingError as error:
         return protocol.error(error)
     if outcome is None:  # the client hung up; nobody reads this
+        record.client_left = True
         return protocol.error(InvalidRequest("Client disconnected."))
+    if record.text is not None:
+        record.text["completion"] = [completion.text for completion in outcome.completions]
     if answer_tokens(valid, outcome) > ANSWER_ON_LOOP_TOKENS:
         # A large answer (a long prompt scored, many choices) is built in a thread: the event loop keeps serving.
         return await asyncio.to_thread(protocol.answer, parsed, valid, outcome)
@@ -137,7 +174,7 @@ def _plan(protocol: RouteProtocol[ParsedT], engine: Engine, body: dict[str, Any]
     return parsed, engine.validate(parsed.to_request())
 
 
-async def _complete(engine: Engine, valid: ValidRequest) -> Outcome:
+async def _complete(engine: Engine, valid: ValidRequest, trace: StreamTrace | None = None) -> Outcome:
     scores: dict[int, Sequence[TokenLogprob]] = {}
     if valid.request.output.score_prompt:
         top = valid.request.sampling.logprobs or 0
@@ -153,7 +190,7 @@ async def _complete(engine: Engine, valid: ValidRequest) -> Outcome:
                 scored = await engine.score_prompt(prompt_ids, top)
                 for index in indices:
                     scores[index] = scored
-    generated = iter(await engine.complete_all(valid.plans))
+    generated = iter(await engine.complete_all(valid.plans, trace))
     completions = [
         next(generated)
         if choice.plan is not None
@@ -164,10 +201,15 @@ async def _complete(engine: Engine, valid: ValidRequest) -> Outcome:
 
 
 async def _start_stream(
-    protocol: RouteProtocol[ParsedT], engine: Engine, request: Request, parsed: ParsedT, valid: ValidRequest
+    protocol: RouteProtocol[ParsedT],
+    engine: Engine,
+    request: Request,
+    parsed: ParsedT,
+    valid: ValidRequest,
+    record: RequestRecord,
 ) -> StreamingResponse:
     engine.check_capacity(len(valid.plans))  # all of the request's sequences, or none
-    events = choice_events(engine, valid.choices, request.is_disconnected)
+    events = choice_events(engine, valid.choices, request.is_disconnected, record.trace)
     try:
         first = await anext(events)
     except StopAsyncIteration:  # the client left before anything came back
@@ -179,12 +221,25 @@ async def _start_stream(
         await events.aclose()
         raise first.error
 
+    if first is None:
+        record.client_left = True
+
     async def resumed() -> AsyncIterator[ChoiceEvent]:
         async with contextlib.aclosing(events):
             if first is not None:
+                noted(first)
                 yield first
             async for event in events:
+                noted(event)
                 yield event
+
+    def noted(event: ChoiceEvent) -> None:
+        """How a stream ended, for its record: an error said in the stream, or the client gone."""
+        if isinstance(event, ChoiceEnd) and event.completion is None:
+            if event.error is None:
+                record.client_left = True
+            else:
+                record.failed = event.error.status_code
 
     return StreamingResponse(
         protocol.stream(parsed, valid, resumed()),
@@ -194,20 +249,20 @@ async def _start_stream(
 
 
 async def choice_events(
-    engine: Engine, choices: tuple[Choice, ...], client_gone: ClientGone
+    engine: Engine, choices: tuple[Choice, ...], client_gone: ClientGone, trace: StreamTrace | None = None
 ) -> AsyncIterator[ChoiceEvent]:
     """Every choice's events. One choice (the usual request) is read directly; several generate at once, so they
     share the batch, as tasks whose events interleave as they are produced. Ends at a choice's error or a client
     that left (the other choices are cancelled)."""
     if len(choices) == 1:
-        async with contextlib.aclosing(_one_choice(engine, choices[0], client_gone)) as events:
+        async with contextlib.aclosing(_one_choice(engine, choices[0], client_gone, trace)) as events:
             async for event in events:
                 yield event
         return
     queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
-        async with contextlib.aclosing(_one_choice(engine, choice, client_gone)) as events:
+        async with contextlib.aclosing(_one_choice(engine, choice, client_gone, trace)) as events:
             async for event in events:
                 queue.put_nowait(event)
 
@@ -227,11 +282,15 @@ async def choice_events(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _one_choice(engine: Engine, choice: Choice, client_gone: ClientGone) -> AsyncIterator[ChoiceEvent]:
+async def _one_choice(
+    engine: Engine, choice: Choice, client_gone: ClientGone, trace: StreamTrace | None = None
+) -> AsyncIterator[ChoiceEvent]:
     assert choice.plan is not None, "validation refuses to stream a prompt that is only scored"
     finished: list[Completion] = []
     try:
-        async for delta in engine.stream(choice.plan, on_complete=finished.append, client_gone=client_gone):
+        async for delta in engine.stream(
+            choice.plan, on_complete=finished.append, client_gone=client_gone, trace=trace
+        ):
             yield ChoiceDelta(choice, delta)
     except ServingError as error:
         yield ChoiceEnd(choice, error=error)

@@ -310,6 +310,7 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
 
 
 class CompletionsProtocol(_OpenAIProtocol):
+    route: ClassVar[str] = "completions"
     example: ClassVar[str] = '{"model": "starcoder", "prompt": "def compute_fib(n):", "max_tokens": 64}'
     object_prefix: ClassVar[str] = "cmpl"
     answer_object: ClassVar[str] = "text_completion"
@@ -358,6 +359,7 @@ class CompletionsProtocol(_OpenAIProtocol):
 
 
 class ChatProtocol(_OpenAIProtocol):
+    route: ClassVar[str] = "chat"
     example: ClassVar[str] = '{"model": "starcoder", "messages": [{"role": "user", "content": "Write a fib function"}]}'
     object_prefix: ClassVar[str] = "chatcmpl"
     answer_object: ClassVar[str] = "chat.completion"

@@ -31,6 +31,7 @@ class StreamAborted(Exception):
 
 
 class PredictProtocol(RouteProtocol[PredictRequest]):
+    route: ClassVar[str] = "predict"
     example: ClassVar[str] = '{"prompt": "def compute_fib(n):"}'
     stream_media_type: ClassVar[str] = "text/plain; charset=utf-8"
 

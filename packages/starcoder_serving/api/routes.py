@@ -11,13 +11,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from starcoder_serving.api.http_body import read_json_object
-from starcoder_serving.api.lifecycle import serve
+from starcoder_serving.api.lifecycle import RouteProtocol, serve
 from starcoder_serving.api.openai_route import ChatProtocol, CompletionsProtocol
 from starcoder_serving.api.predict_route import PredictProtocol
 from starcoder_serving.api.tgi_route import TgiProtocol
 from starcoder_serving.engine.engine import Engine
-from starcoder_serving.errors import ServingError
 
 
 class Routes:
@@ -29,12 +27,10 @@ class Routes:
         self._chat = ChatProtocol(engine)
 
     async def predict(self, request: Request) -> Any:
-        try:
-            body = await read_json_object(request, self._predict.example)
-        except ServingError as error:
-            return self._predict.error(error)
-        protocol = self._tgi if "inputs" in body else self._predict
-        return await serve(protocol, self.engine, request, body)
+        return await serve(self._predict, self.engine, request, pick=self._pick)
+
+    def _pick(self, body: dict[str, Any]) -> RouteProtocol[Any]:
+        return self._tgi if "inputs" in body else self._predict
 
     async def completions(self, request: Request) -> Any:
         return await serve(self._completions, self.engine, request)

@@ -50,6 +50,7 @@ def error_payload(error: ServingError) -> dict[str, str]:
 
 
 class TgiProtocol(RouteProtocol[TgiRequest]):
+    route: ClassVar[str] = "tgi"
     example: ClassVar[str] = '{"inputs": "def compute_fib(n):", "parameters": {"max_new_tokens": 64}}'
     stream_headers: ClassVar[Mapping[str, str]] = SSE_HEADERS
 

@@ -206,13 +206,17 @@ class BatchedWorker:
         active = _Active(job)
         with self._lock:
             self._active[request_id] = active
+        streaming = not active.quiet or active.wants_logprobs or active.deadline is not None
         added = self._manager.add_request(
             input_ids=job.plan.prompt_ids,
             request_id=request_id,
             max_new_tokens=job.plan.max_new_tokens,
             # A quiet job that needs nothing per step (logprobs are read each step; a max_time cut keeps the
             # tokens so far) hears from the manager once, at its end: no output built and routed per step.
-            streaming=not active.quiet or active.wants_logprobs or active.deadline is not None,
+            streaming=streaming,
+            # A job the manager does not stream is timed by the manager (one perf_counter per token, read once at its
+            # end): its time to first token.
+            record_timestamps=not streaming,
             eos_token_id=self._eos_token_ids,
             plan=job.plan,  # BatchSampler reads the request's parameters from here
         )
@@ -251,6 +255,19 @@ class BatchedWorker:
     def kv_cache_tokens(self) -> int | None:
         """The paged cache's capacity in tokens (None until the loop has built it, at its first request)."""
         return compat.kv_cache_tokens(self._manager)
+
+    @property
+    def batch_requests(self) -> int:
+        """Requests in the batch now (read by the metrics when scraped)."""
+        return compat.batch_requests(self._manager)
+
+    @property
+    def last_step_rows(self) -> int:
+        return compat.last_step_rows(self._manager)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return compat.kv_cache_usage(self._manager)
 
     @property
     def active_requests(self) -> int:
@@ -316,6 +333,9 @@ class BatchedWorker:
         new = tokens[active.forwarded :]
         first = active.forwarded == 0
         if new:
+            if first:
+                timestamps = output.timestamps  # a job the manager did not stream: when its first token came
+                job.first_token_at = timestamps[0] if timestamps else time.perf_counter()
             active.forwarded = len(tokens)
             # One step gives one token (its logprob entry is this step's); should it give more, the earlier ones
             # go without logprobs, so that an event's entries always match its tokens one for one.

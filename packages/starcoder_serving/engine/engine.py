@@ -13,9 +13,12 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import Counter, Gauge
 
 from starcoder_serving.engine import cpu_threads, transformers_compat
 from starcoder_serving.engine.generate_worker import SCORING_CHUNK_TOKENS, GenerateWorker, PromptScores
@@ -43,12 +46,69 @@ CLIENT_POLL_SECONDS = 0.05
 SCORING_BUDGET_WINDOWS = 16
 
 
+# ---- the engine's metrics (truss serves prometheus_client's default registry at /metrics/) ----
+# Gauges are read when scraped, from the engine that serves (the latest loaded); counters move once per request.
+_serving: list[weakref.ReferenceType[Engine]] = []
+
+
+def _read(measure: Callable[[Engine], float]) -> Callable[[], float]:
+    def value() -> float:
+        engine = _serving[0]() if _serving else None
+        return 0.0 if engine is None else float(measure(engine))
+
+    return value
+
+
+REQUESTS_RUNNING = Gauge("starcoder_requests_running", "Requests in the continuous batch (prefilling or decoding).")
+REQUESTS_RUNNING.set_function(_read(lambda engine: engine.requests_running))
+REQUESTS_WAITING = Gauge(
+    "starcoder_requests_waiting", "Requests admitted and waiting for the batch (or for generate(), or being scored)."
+)
+REQUESTS_WAITING.set_function(_read(lambda engine: engine.requests_waiting))
+BATCH_SIZE = Gauge("starcoder_batch_size", "Rows (requests) in the continuous batch's last step.")
+BATCH_SIZE.set_function(_read(lambda engine: engine.batch_size))
+KV_CACHE_USAGE = Gauge("starcoder_kv_cache_usage_ratio", "Used / total KV-cache pages of the continuous batch.")
+KV_CACHE_USAGE.set_function(_read(lambda engine: engine.kv_cache_usage))
+PREFIX_CACHE_HITS = Counter(
+    "starcoder_prefix_cache_hit_tokens", "Prompt tokens served from shared KV-cache pages (prefix sharing)."
+)
+REQUESTS_BY_PATH = Counter(
+    "starcoder_requests_by_path", "Generations by path: the continuous batch or lone generate().", ["path"]
+)
+_BY_PATH = {path: REQUESTS_BY_PATH.labels(path=path.value) for path in GenerationPath}
+transformers_compat.count_prefix_hits(PREFIX_CACHE_HITS.inc)
+
+
 async def wait_until_gone(client_gone: ClientGone) -> None:
     """Return once ``client_gone`` says so, asking every ``CLIENT_POLL_SECONDS``. The first look comes after one
     interval: the HTTP layer (truss) has just looked, and a look is not free (starlette's costs a cancel scope)."""
     await asyncio.sleep(CLIENT_POLL_SECONDS)
     while not await client_gone():
         await asyncio.sleep(CLIENT_POLL_SECONDS)
+
+
+class StreamTrace:
+    """What a request's generations did, for its metrics and its log line (``api/metrics.py``): filled by
+    ``Engine.stream`` once per generation, at its end; nothing per token."""
+
+    __slots__ = ("completion_tokens", "finish_reasons", "first_token_at", "job_ids", "paths")
+
+    def __init__(self) -> None:
+        self.first_token_at: float | None = None  # the earliest first token of its generations (perf_counter)
+        self.completion_tokens = 0
+        self.job_ids: list[int] = []
+        self.paths: list[str] = []
+        self.finish_reasons: list[str] = []
+
+    def record(self, job: Job, reason: FinishReason, completion_tokens: int) -> None:
+        self.job_ids.append(job.id)
+        if job.path not in self.paths:
+            self.paths.append(job.path)
+        if reason.value not in self.finish_reasons:
+            self.finish_reasons.append(reason.value)
+        self.completion_tokens += completion_tokens
+        if job.first_token_at is not None and (self.first_token_at is None or job.first_token_at < self.first_token_at):
+            self.first_token_at = job.first_token_at
 
 
 async def _abandon_when_gone(client_gone: ClientGone, job: Job) -> None:
@@ -106,6 +166,8 @@ class Engine:
         self.scoring_token_budget = SCORING_BUDGET_WINDOWS * self.context_window
         self._thread_tokenizers = threading.local()
         self.routed: dict[GenerationPath, int] = {GenerationPath.BATCHED: 0, GenerationPath.GENERATE: 0}
+        self._warming_up = False
+        _serving[:] = [weakref.ref(self)]  # the metrics' gauges read the engine loaded last
 
     def _start_batched_worker(self, model: Any, settings: ServingSettings) -> Any:
         """Two paths share one model; see batch_worker.py for why that is safe:
@@ -202,6 +264,8 @@ class Engine:
         route = self.route(plan)
         self._admitted += 1
         self.routed[route.path] += 1
+        if not self._warming_up:
+            _BY_PATH[route.path].inc()
         # A stop sequence is found in the text as it comes, so a job with stop sequences is never quiet.
         job = Job(plan, asyncio.get_running_loop(), path=route.path.value, quiet=quiet and not plan.stop)
         if route.path is GenerationPath.BATCHED:
@@ -225,6 +289,24 @@ class Engine:
     def requests_in_progress(self) -> int:
         return self._admitted
 
+    @property
+    def requests_running(self) -> int:
+        """Requests in the continuous batch now (metrics)."""
+        return 0 if self._batched is None else self._batched.batch_requests
+
+    @property
+    def requests_waiting(self) -> int:
+        """Requests admitted and not (yet) in the batch (metrics)."""
+        return max(0, self._admitted - self.requests_running)
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._batched is None else self._batched.last_step_rows
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 0.0 if self._batched is None else self._batched.kv_cache_usage
+
     async def stream(
         self,
         plan: GenerationPlan,
@@ -232,6 +314,7 @@ class Engine:
         *,
         quiet: bool = False,
         client_gone: ClientGone | None = None,
+        trace: StreamTrace | None = None,
     ) -> AsyncIterator[TextDelta]:
         """Yield text as it is produced. Closing the iterator cancels the generation.
 
@@ -241,6 +324,7 @@ class Engine:
         ``client_gone``: polled every ``CLIENT_POLL_SECONDS``; once it says so, the generation is cancelled
         and the stream ends without a completion (``on_complete`` is not called), even while it waits for a
         token. One watcher per stream, instead of a race set up for every delta.
+        ``trace``: told, at the end, the generation's path, first-token time, tokens and finish reason.
         """
         job = self._admit(plan, quiet)
         text = TextAssembler(self.tokenizer, plan.stop)
@@ -278,8 +362,10 @@ class Engine:
                 watcher.cancel()
             job.cancel()  # no-op when finished; stops the worker when the client left early
             self._admitted -= 1
-            # One line per request, the same for both paths; never the prompt or the completion.
-            logger.info(
+            if trace is not None:
+                trace.record(job, text.reason or FinishReason.CANCELLED, text.completion_tokens)
+            # The request's own line is the HTTP layer's (api/metrics.py); this one, per generation, is for debugging.
+            logger.debug(
                 "request %d done: path=%s finish_reason=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
                 job.id,
                 job.path,
@@ -289,15 +375,15 @@ class Engine:
                 time.perf_counter() - started,
             )
 
-    async def complete(self, plan: GenerationPlan) -> Completion:
+    async def complete(self, plan: GenerationPlan, trace: StreamTrace | None = None) -> Completion:
         result: list[Completion] = []
-        async for _ in self.stream(plan, on_complete=result.append, quiet=True):
+        async for _ in self.stream(plan, on_complete=result.append, quiet=True, trace=trace):
             pass
         return result[0]
 
-    async def complete_all(self, plans: list[GenerationPlan]) -> list[Completion]:
+    async def complete_all(self, plans: list[GenerationPlan], trace: StreamTrace | None = None) -> list[Completion]:
         """Run plans together (they share the batch); if one fails or we are cancelled, stop the rest."""
-        tasks = [asyncio.ensure_future(self.complete(plan)) for plan in plans]
+        tasks = [asyncio.ensure_future(self.complete(plan, trace)) for plan in plans]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
@@ -365,7 +451,11 @@ class Engine:
             for sampling in (greedy, beams):
                 await self.complete(self.plan(prompt_ids, sampling)[0])
 
-        asyncio.run(both_paths())
+        self._warming_up = True
+        try:
+            asyncio.run(both_paths())
+        finally:
+            self._warming_up = False
         self.routed = counted
         logger.info("warmed up both generation paths in %.2f s", time.perf_counter() - started)
 

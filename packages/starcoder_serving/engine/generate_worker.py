@@ -225,6 +225,8 @@ class _TokenForwarder(BaseStreamer):
             self._forward(int(token_id))
 
     def _forward(self, token_id: int) -> None:
+        if self.count == 0:
+            self._job.first_token_at = time.perf_counter()
         self.count += 1
         self.last_token = token_id
         logprob = self._logprob(token_id)
@@ -243,6 +245,8 @@ class _TokenForwarder(BaseStreamer):
 
     def forward_all(self, token_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         """A finished beam search's tokens, with their logprob entries when the request asked for them."""
+        if token_ids and self.count == 0:
+            self._job.first_token_at = time.perf_counter()
         for i, token_id in enumerate(token_ids):
             self.count += 1
             self.last_token = token_id

@@ -56,6 +56,8 @@ class Job:
         self.id = next(_job_ids)
         self.plan = plan
         self.path = path  # which worker serves it, for the logs
+        # When its first token was produced (time.perf_counter), set once by the worker thread: time to first token.
+        self.first_token_at: float | None = None
         # Nobody reads the text before the end (a non-streamed request without stop sequences): a worker may hold
         # the tokens back and send them in one event with the DoneEvent, sparing the event loop a wake-up, a
         # detokenizer step and a queue hop per token.

@@ -34,7 +34,9 @@ __all__ = [
     "GenerationOutput",
     "OutputRouter",
     "attention_implementation",
+    "batch_requests",
     "captures_steps",
+    "count_prefix_hits",
     "default_generation_params",
     "generation_thread",
     "hand_one_step_to_batch",
@@ -42,6 +44,8 @@ __all__ = [
     "install_logits_processor",
     "install_output_router",
     "kv_cache_tokens",
+    "kv_cache_usage",
+    "last_step_rows",
     "loop_failure",
     "original_attention_implementation",
     "wake_up_event",
@@ -127,3 +131,51 @@ def captures_steps(manager: Any) -> bool:
     """After ``warmup()``: whether the batch's steps are padded to fixed shapes and replayed as CUDA graphs or
     compiled (transformers turns graphs off where no graph backend exists, and may decide for "auto")."""
     return bool(manager.batch_processor.model_runner.pad_inputs)
+
+
+# ---- what the metrics read (api/metrics.py, engine.py): at scrape time, from another thread, nothing per step ----
+
+
+def batch_requests(manager: Any) -> int:
+    """Requests in the batch (prefilling or decoding, holding cache pages); 0 before the loop built its processor."""
+    processor = manager.batch_processor
+    return 0 if processor is None else len(processor.scheduler.active_requests)
+
+
+def last_step_rows(manager: Any) -> int:
+    """Rows (requests) in the batch's last step."""
+    processor = manager.batch_processor
+    if processor is None:
+        return 0
+    return int(getattr(processor.inputs_and_outputs, "num_request_in_batch", 0))
+
+
+def kv_cache_usage(manager: Any) -> float:
+    """Used / total KV-cache capacity (pages, and the sectors that hold them), 0 before the cache exists. Pages kept
+    only for prefix sharing count as free: the scheduler takes them back as soon as it needs them."""
+    processor = manager.batch_processor
+    if processor is None:
+        return 0.0
+    return max(0.0, min(1.0, 1.0 - float(processor.cache.compute_free_capacity(relative=True))))
+
+
+_prefix_hit_listeners: list[Any] = []
+
+
+def count_prefix_hits(listener: Any) -> None:
+    """Call ``listener(tokens)`` with each prompt's tokens served from shared cache pages (prefix sharing): a wrapper
+    around ``PagedAttentionCache.search_prefix_match``, which the scheduler calls once per request it schedules."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    if not _prefix_hit_listeners:
+        search = PagedAttentionCache.search_prefix_match
+
+        def counted(self: Any, request_id: str, prompt_ids: list[int]) -> int:
+            matched = search(self, request_id, prompt_ids)
+            if matched:
+                for call in _prefix_hit_listeners:
+                    call(matched)
+            return matched
+
+        PagedAttentionCache.search_prefix_match = counted  # type: ignore[method-assign]
+    _prefix_hit_listeners.append(listener)
