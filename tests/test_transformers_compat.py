@@ -349,6 +349,52 @@ def test_kv_cache_tokens(manager: Any) -> None:
     assert compat.kv_cache_tokens(manager) == 32 * 16, broken("batch_processor.cache.num_blocks x page_size")
 
 
+def test_batch_requests(manager: Any) -> None:
+    assert compat.batch_requests(manager) == 0, broken("batch_processor is None before the loop starts")
+    manager.start()
+    manager.add_request([5, 6, 7], request_id="counted", max_new_tokens=2, eos_token_id=[EOS])
+    assert result(manager, "counted").error is None
+    assert compat.batch_requests(manager) == 0, broken("batch_processor.scheduler.active_requests")
+
+
+def test_last_step_rows(manager: Any) -> None:
+    assert compat.last_step_rows(manager) == 0
+    manager.start()
+    manager.add_request([5, 6, 7], request_id="rows", max_new_tokens=2, eos_token_id=[EOS])
+    assert result(manager, "rows").error is None
+    assert compat.last_step_rows(manager) == 1, broken("batch_processor.inputs_and_outputs.num_request_in_batch")
+
+
+def test_kv_cache_usage(manager: Any) -> None:
+    assert compat.kv_cache_usage(manager) == 0.0
+    manager.start()
+    manager.add_request(list(range(5, 45)), request_id="used", max_new_tokens=2, eos_token_id=[EOS])
+    assert result(manager, "used").error is None
+    usage = compat.kv_cache_usage(manager)
+    assert 0.0 <= usage <= 1.0, broken("cache.compute_free_capacity(relative=True)")
+
+
+def test_count_prefix_hits(model: Any) -> None:
+    """Prefix sharing on: the second request with a prompt of three full pages is served two of them."""
+    hits: list[int] = []
+    compat.count_prefix_hits(hits.append)
+    config = ContinuousBatchingConfig(
+        page_size=16, num_blocks=32, max_batch_tokens=128, allow_block_sharing=True, use_cuda_graph=False
+    )
+    built = model.init_continuous_batching(
+        generation_config=GenerationConfig(do_sample=False, eos_token_id=[EOS]), continuous_batching_config=config
+    )
+    built.start()
+    try:
+        prompt = list(range(5, 5 + 3 * 16 + 3))
+        for name in ("first", "second"):
+            built.add_request(prompt, request_id=name, max_new_tokens=2, eos_token_id=[EOS])
+            assert result(built, name).error is None
+    finally:
+        built.stop(block=True, timeout=30)
+    assert hits and hits[-1] >= 16, broken(f"PagedAttentionCache.search_prefix_match reported {hits}")
+
+
 def test_captures_steps(model: Any) -> None:
     """Graphs asked for on a CPU: transformers' warm-up builds the batch processor and turns them off."""
     config = ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=32, use_cuda_graph=True)
