@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from starcoder_serving.api import body_limit
+from starcoder_serving.api.http_body import MAX_BODY_BYTES
 from starcoder_serving.api.routes import Routes
 from starcoder_serving.engine.engine import Engine
 from starcoder_serving.settings import ServingSettings
@@ -36,6 +38,8 @@ class Model:
         return token.strip() or None
 
     def load(self) -> None:
+        # Before truss reads a body, not after: an oversized upload is refused and its connection closed.
+        body_limit.install(MAX_BODY_BYTES)
         if self._lazy_data_resolver is not None:
             # The build-time weight cache lands in /app/model_cache in the background; truss refuses to
             # finish loading unless we wait for it here.
