@@ -2,7 +2,8 @@
 
 * Not streamed: ``[{"generated_text": ..., "details": {...}}]`` (``details`` when asked: finish reason,
   generated tokens, seed, every token with its logprob, and the prompt's tokens with
-  ``decoder_input_details``).
+  ``decoder_input_details``): TGI's ``/`` route. With ``answer_object`` the object alone, as TGI's ``/generate``
+  answers (for llm-ls, see ``routes``).
 * Streamed: one ``data: {"index", "token": {...}, "generated_text": null, "details": null}`` event per
   token; the last one carries ``generated_text`` and ``details``.
 * Errors: ``{"error": "...", "error_type": "validation" | "overloaded" | "generation"}`` with the status
@@ -54,7 +55,8 @@ class TgiProtocol(RouteProtocol[TgiRequest]):
     example: ClassVar[str] = '{"inputs": "def compute_fib(n):", "parameters": {"max_new_tokens": 64}}'
     stream_headers: ClassVar[Mapping[str, str]] = SSE_HEADERS
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, answer_object: bool = False) -> None:
+        self.answer_object = answer_object
         self.texts = TokenTexts(engine.tokenizer)
         self._special = set(engine.tokenizer.all_special_ids) | set(engine.eos_token_ids)
 
@@ -75,7 +77,7 @@ class TgiProtocol(RouteProtocol[TgiRequest]):
         if parsed.wants_details:
             prefill = self._prefill(valid, outcome.prompt_scores.get(0))
             answer["details"] = self._details(valid, completion, list(completion.token_logprobs), prefill)
-        return JSONResponse([answer])
+        return JSONResponse(answer if self.answer_object else [answer])
 
     def _prefill(self, valid: ValidRequest, scores: list[TokenLogprob] | None) -> list[dict[str, Any]]:
         """The prompt's tokens with their logprobs (``decoder_input_details``); the first has none."""

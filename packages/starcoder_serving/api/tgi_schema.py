@@ -35,6 +35,16 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+class LlmLsNestedParameters(pydantic.BaseModel):
+    """llm-ls 0.5.3 (crates/llm-ls/src/backend.rs, ``build_body``) sends ``"parameters": {"parameters":
+    {"return_full_text": false}}`` when the user's llm.requestBody has no ``parameters`` object: read as
+    ``parameters.return_full_text``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    return_full_text: StrictBool | None = None
+
+
 class TgiParameters(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
 
@@ -58,6 +68,13 @@ class TgiParameters(pydantic.BaseModel):
     watermark: StrictBool | None = None
     grammar: Any = None
     adapter_id: Any = None
+    parameters: LlmLsNestedParameters | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _llm_ls_nested(self) -> TgiParameters:
+        if self.parameters is not None and self.return_full_text is None:
+            self.return_full_text = self.parameters.return_full_text
+        return self
 
 
 class TgiRequest(pydantic.BaseModel):
