@@ -247,3 +247,50 @@ def test_llm_ls_nested_parameters_without_a_request_body_parameters_object(serve
     assert response.status_code == 200, response.text
     [generated] = llm_ls_generations("tgi", response.text)
     assert not generated.startswith("def add(a, b):")
+
+
+def tabby_stream(response: httpx.Response) -> str:
+    """Tabby (TabbyML/tabby, crates/http-api-bindings/src/completion/openai.rs): each event's data must parse as
+    ``{choices: [{text: String, finish_reason: Option<String>}]}`` (``.expect``: anything else panics), read until
+    the first choice with a finish_reason."""
+    assert response.status_code == 200, response.text
+    text = ""
+    for line in response.text.splitlines():
+        if not line.startswith("data:"):
+            continue
+        chunk = json.loads(line[len("data:") :].strip())  # `[DONE]` here would be Tabby's panic
+        assert isinstance(chunk["choices"], list)
+        if chunk["choices"]:
+            choice = chunk["choices"][0]
+            assert isinstance(choice["text"], str)
+            text += choice["text"]
+            if choice.get("finish_reason") is not None:
+                return text
+    raise AssertionError("no finish_reason before the stream ended")
+
+
+@pytest.mark.parametrize(
+    ("kind", "prompt", "suffix"),
+    [
+        # kind "openai/completion": FIM_TEMPLATE "{prefix}<|FIM|>{suffix}" split into prompt and suffix
+        ("openai/completion", PREFIX, SUFFIX),
+        ("openai/completion", PREFIX, ""),  # cursor at the end of the file: an empty suffix
+        # kind "openai/legacy_completion_no_fim" with prompt_template "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+        ("openai/legacy_completion_no_fim", FIM_PROMPT, None),
+    ],
+)
+def test_tabby_openai_completion_kinds(server: RunningServer, kind: str, prompt: str, suffix: str | None) -> None:
+    """config.toml ``[model.completion.http]``: kind, model_name = "starcoder", api_endpoint = "<base>/v1"; Tabby
+    posts ``{api_endpoint}/completions`` with ``suffix`` serialized even when None (null), bearer auth."""
+    body = {
+        "model": "starcoder",
+        "prompt": prompt,
+        "suffix": suffix,
+        "max_tokens": 64,
+        "temperature": 0.1,
+        "stream": True,
+        "presence_penalty": 0.0,
+    }
+    url = f"{server.base_url}/v1/completions"
+    response = httpx.post(url, json=body, headers={"Authorization": "Bearer unused"}, timeout=60)
+    assert isinstance(tabby_stream(response), str), kind
