@@ -13,13 +13,16 @@ export TOKENIZERS_PARALLELISM := false
 # Rebuilt when the pins change. Truss's server needs its own requirements (as its Docker image
 # installs them), bounded by its constraints file; its `-i` line is dropped so pip's configured
 # indexes are used.
-$(VENV)/.installed: requirements-dev.txt
+# Then the project itself, editable (pyproject.toml): starcoder_serving, devtools, bench and evals import from the
+# venv's python without PYTHONPATH.
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	server=$$($(PY) -c 'import pathlib, truss; print(pathlib.Path(truss.__file__).parent / "templates/server")') && \
 	  grep -v '^-i ' "$$server/requirements.txt" > $(VENV)/truss-server-requirements.txt && \
 	  $(PY) -m pip install --quiet -r $(VENV)/truss-server-requirements.txt -c "$$server/constraints.txt" -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -27,13 +30,15 @@ venv: $(VENV)/.installed
 tiny-model: venv
 	$(PY) -m devtools.tiny_model .cache/tiny-starcoder
 
-# The real Truss server on 127.0.0.1:$(PORT); STARCODER_CHECKPOINT=<path or hub id> serves another model.
+# The real Truss server on 127.0.0.1:$(PORT), ready when GET /v1/models/model answers 200; Ctrl-C stops it (exit 0).
+# STARCODER_CHECKPOINT=<path or hub id> serves another model (CUDA in bfloat16 with a GPU, else the CPU in float32).
 serve: venv
 	exec env PORT=$(PORT) $(PY) -m devtools.truss_local
 
 test: venv
 	$(PY) -m pytest
 
+# Results under .cache/bench/results/ (untracked); BENCH_ARGS="--label NAME" writes docs/bench/results-NAME.json.
 bench: venv
 	$(PY) -m bench.run $(BENCH_ARGS)
 

@@ -82,6 +82,18 @@ FIM = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 TYPED = "    total = sum(item.price * item.count for item in order.items if item.count > 0)\n"
 
 
+# Where results go: an unlabelled run (`make bench`) writes under .cache/ (untracked), so it never overwrites the
+# committed results; a run given --label is one for the docs and writes to docs/bench/ (either way --out-dir wins).
+DOCS_RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
+LOCAL_RESULTS_DIR = Path(__file__).resolve().parent.parent / ".cache" / "bench" / "results"
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    if args.out_dir is not None:
+        return Path(args.out_dir)
+    return DOCS_RESULTS_DIR if args.label else LOCAL_RESULTS_DIR
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("peer comparison (--compare)")
     group.add_argument(
@@ -465,7 +477,7 @@ def main(args: argparse.Namespace) -> int:
         notes=comparison.notes,
     )
     report = summarise(report, ttft_clients=max(args.levels))
-    json_path, md_path = write(report, args.out_dir)
+    json_path, md_path = write(report, results_dir(args))
     print()
     print(markdown(report))
     print(f"\nwall time {report.wall_s:.0f} s; wrote {json_path} and {md_path}")

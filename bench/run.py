@@ -5,10 +5,14 @@
     make bench BENCH_ARGS="--gpu"                          # StarCoder-15.5B-shaped random weights on a CUDA GPU
     make bench-peer                                        # ours vs transformers serve vs seed (bench/compare.py)
 
-Locally it starts two servers one after the other (never together: they would share the CPU): the
-server as configured (continuous batching) and the same server with STARCODER_CONTINUOUS_BATCHING=0,
-which routes every request through the seed's one-at-a-time ``generate()``. Both get the same load,
-and the throughput ratio at each concurrency level is printed.
+Locally it starts two servers, both running at once on two ports but only one ever under load (an idle
+server costs no CPU; the levels alternate between them): the server as configured (continuous batching)
+and the same server with STARCODER_CONTINUOUS_BATCHING=0, which routes every request through the seed's
+one-at-a-time ``generate()``. Both get the same load, and the throughput ratio at each concurrency level
+is printed.
+
+Results: without --label, .cache/bench/results/ (untracked: `make bench` never overwrites the committed
+ones); with --label NAME, docs/bench/results-NAME.json and plot-NAME.png, for the docs. --out-dir overrides.
 """
 
 from __future__ import annotations
@@ -123,9 +127,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument(
         "--label",
-        help="results-<label>.json / plot-<label>.png (default local-cpu or remote; --compare: peer-local-cpu)",
+        help="results-<label>.json / plot-<label>.png (default local-cpu or remote; --compare: peer-local-cpu). "
+        "A labelled run is one for the docs: it writes to docs/bench/ (committed); without --label the results "
+        "go to .cache/bench/results/ (untracked)",
     )
-    out.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs" / "bench")
+    out.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where to write (default: docs/bench with --label, else .cache/bench/results)",
+    )
     out.add_argument(
         "--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench", help="server layouts and logs (local mode)"
     )
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed=mixed,
         mixed_ratios=compute_mixed_ratios(mixed["batched"], mixed["seed"]) if {"batched", "seed"} <= set(mixed) else [],
     )
-    json_path, png_path = write(report, args.out_dir)
+    json_path, png_path = write(report, compare.results_dir(args))
     print()
     print(markdown_table(report))
     if report.ratios:

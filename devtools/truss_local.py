@@ -194,17 +194,67 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def main() -> None:
-    """`make serve`: start the server and pass every stop signal on to it; never leave it running."""
+@contextlib.contextmanager
+def own_terminal() -> Iterator[None]:
+    """Take the terminal's foreground from make, as a shell does for a job, and give it back on exit.
+
+    Ctrl-C sends SIGINT to the terminal's foreground process group. In make's group, make gets it too, and
+    GNU make, whatever its recipe does, then kills itself with SIGINT (status 130) after printing the recipe's
+    status. In a group of their own, Ctrl-C reaches only this launcher and the server: the server stops, this
+    launcher exits 0, and so does make. Ctrl-Z is ignored (make, out of the foreground, could not be resumed).
+    Without a terminal (CI, tests, `make serve &`) nothing changes."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        yield
+        return
+    try:
+        if os.tcgetpgrp(fd) != os.getpgrp():
+            yield  # not the foreground job
+            return
+        make_group = os.getpgrp()
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may then set the foreground
+        signal.signal(signal.SIGTSTP, signal.SIG_IGN)
+        os.setpgid(0, 0)
+        os.tcsetpgrp(fd, os.getpgrp())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(fd, make_group)
+    finally:
+        os.close(fd)
+
+
+def _server_preexec() -> None:
     die_with_parent()
+    signal.signal(signal.SIGTSTP, signal.SIG_IGN)  # Ctrl-Z must not stop the server in the launcher's group
+
+
+def main() -> None:
+    """`make serve`: start the server and pass every stop signal on to it; never leave it running. Stopped by a
+    signal (Ctrl-C, SIGTERM, SIGHUP), it exits 0."""
+    die_with_parent()
+    with own_terminal():
+        returncode = _serve()
+    sys.exit(returncode)
+
+
+def _serve() -> int:
     port = int(os.environ.get("PORT", "8080"))
     # A layout per port: two `make serve` on two ports do not build into (and delete) each other's files.
     layout_dir = DEFAULT_LAYOUT_DIR if port == 8080 else DEFAULT_LAYOUT_DIR.with_name(f"truss-server-{port}")
-    process = start_server(port, layout_dir=layout_dir, preexec_fn=die_with_parent)
+    try:
+        process = start_server(port, layout_dir=layout_dir, preexec_fn=_server_preexec)
+    except KeyboardInterrupt:  # Ctrl-C while the server was being laid out: nothing runs yet
+        return 0
+
+    stopped_by: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
         # Only signal here: the main thread's wait() below returns once the server has shut down
         # (waiting in the handler would contend with that wait for the child's exit status).
+        stopped_by.append(signum)
         process.terminate()
         killer = threading.Timer(20, process.kill)  # a server that ignores SIGTERM
         killer.daemon = True
@@ -213,7 +263,12 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, stop)
     print(f"Truss server starting on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
-    sys.exit(process.wait())
+    returncode = process.wait()
+    # Asked to stop (Ctrl-C, SIGTERM, SIGHUP), the server ends by that signal or the one we passed on: that is
+    # a clean stop, exit 0, so make prints no "Error" line. Anything else is the server's own failure.
+    if stopped_by and returncode in (0, *(-sig for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))):
+        returncode = 0
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 if __name__ == "__main__":

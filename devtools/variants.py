@@ -223,8 +223,9 @@ model_metadata:
   example_model_input: {_yaml_value(checkpoint.example_input)}
   checkpoint: {checkpoint.hub_id}
   local_weights_dir: /app/model_cache/{checkpoint.name}
-  dtype: bfloat16
-  device: cuda
+  # device and dtype are left unset: they follow the machine at load (settings.py, resolve_placement), CUDA in
+  # bfloat16 on this file's GPU, the CPU in float32 where torch sees none (STARCODER_CHECKPOINT=... make serve
+  # on a laptop). STARCODER_DEVICE / STARCODER_DTYPE (or keys here) pin them.
   attn_implementation: sdpa
   # The context window, end tokens and FIM tokens are read from the checkpoint at load (family/profile.py).
   default_max_new_tokens: 256

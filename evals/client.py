@@ -37,6 +37,26 @@ class Endpoint(pydantic.BaseModel):
         return {"Authorization": f"Api-Key {self.api_key}"} if self.api_key else {}
 
 
+class NoServer(RuntimeError):
+    """Nothing usable answers at the endpoint: raised before any problem is sent."""
+
+
+def check_ready(endpoint: Endpoint, timeout_s: float = 5.0) -> None:
+    """Fail fast, before a run: a local server must answer its readiness route (``GET /v1/models/model`` = 200);
+    a deployment must answer at all (any HTTP status: its routes and keys are checked by the requests)."""
+    url = endpoint.base_url.rstrip("/") + ("" if endpoint.remote else "/v1/models/model")
+    try:
+        response = httpx.get(url, headers=endpoint.headers, timeout=timeout_s)
+    except httpx.TransportError as exc:
+        hint = "check the URL and your network" if endpoint.remote else "start it with `make serve` in another shell"
+        raise NoServer(f"no server answers at {url} ({type(exc).__name__}: {exc or 'no answer'}); {hint}") from exc
+    if not endpoint.remote and response.status_code != 200:
+        raise NoServer(
+            f"the server at {url} is not ready (HTTP {response.status_code}): wait until `make serve` says it is "
+            "ready (GET /v1/models/model answers 200), or start it with `make serve`"
+        )
+
+
 class SamplingSpec(pydantic.BaseModel):
     temperature: float = pydantic.Field(0.2, ge=0.0)  # 0: greedy
     top_p: float = pydantic.Field(0.95, gt=0.0, le=1.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ import pydantic
 from tqdm import tqdm
 
 from devtools.family_catalogue import by_hub_id
-from evals.client import Answer, Endpoint, SamplingSpec, complete
+from evals.client import Answer, Endpoint, NoServer, SamplingSpec, check_ready, complete
 from evals.sandbox import network_namespace_available, run_program
 from evals.scoring import mean_pass_at_k, program, reported_ks, truncate
 
@@ -84,7 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="programs executed at once")
     run.add_argument("--timeout", type=float, default=3.0, help="seconds per program")
     run.add_argument("--reference", help="hub id whose model-card figure to print (default: the served model)")
-    run.add_argument("--output", type=Path, help="results JSON (default .cache/eval/humaneval-<time>.json)")
+    run.add_argument(
+        "--output", type=Path, help="results JSON (default .cache/eval/humaneval-<UTC time, microseconds>.json)"
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.workers < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--n, --concurrency, --workers and --limit must be at least 1")
@@ -171,6 +174,7 @@ def run(args: argparse.Namespace) -> RunResult:
         base_url=args.base_url or f"http://127.0.0.1:{args.port}", remote=remote, route=args.route, api_key=args.api_key
     )
     sampling = SamplingSpec(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    check_ready(endpoint)  # NoServer: nothing is sent, no results are written
     problems = load_problems(args.limit)
     started = time.perf_counter()
     answers = asyncio.run(generate(problems, endpoint, sampling, args.n, args.seed, args.concurrency))
@@ -195,15 +199,35 @@ def run(args: argparse.Namespace) -> RunResult:
     )
 
 
+def write_unique(directory: Path, text: str) -> Path:
+    """humaneval-<UTC time to the microsecond>.json, created exclusively: two runs never share a file (a name
+    already taken gets -2, -3, ...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"humaneval-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S.%fZ}"
+    for attempt in itertools.count(1):
+        path = directory / (f"{stem}.json" if attempt == 1 else f"{stem}-{attempt}.json")
+        try:
+            with path.open("x", encoding="utf-8") as out:
+                out.write(text)
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    output = (
-        args.output
-        or REPO_ROOT / ".cache" / "eval" / f"humaneval-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}.json"
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+    try:
+        result = run(args)
+    except NoServer as error:
+        print(f"make eval: {error}", file=sys.stderr)
+        return 2
+    if args.output:
+        output = args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+    else:
+        output = write_unique(REPO_ROOT / ".cache" / "eval", result.model_dump_json(indent=2))
     counts = result.counts
     print(
         f"{len(result.problems)} problems x {args.n} samples in {result.wall_s:.1f} s via {args.route}: "

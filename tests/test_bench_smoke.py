@@ -7,10 +7,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from bench.compare import DOCS_RESULTS_DIR, LOCAL_RESULTS_DIR, results_dir
 from bench.loadgen import LoadSpec, build_prompt, make_client, run_level, warmup
 from bench.mixed import CLASSES, MixedLevel, MixedSpec, mixed_table, run_mixed_level
 from bench.report import BenchReport, ServerRun, compute_ratios, markdown_table, write
-from bench.run import concurrency_levels
+from bench.run import concurrency_levels, parse_args
 from tests.conftest import RunningServer
 
 
@@ -18,6 +19,16 @@ def test_concurrency_levels() -> None:
     assert concurrency_levels(16) == [1, 2, 4, 8, 16]
     assert concurrency_levels(12) == [1, 2, 4, 8, 12]
     assert concurrency_levels(1) == [1]
+
+
+def test_results_go_to_the_docs_only_when_labelled(tmp_path: Path) -> None:
+    # `make bench` never overwrites the committed results: unlabelled runs write under .cache/ (untracked).
+    assert results_dir(parse_args([])) == LOCAL_RESULTS_DIR
+    assert LOCAL_RESULTS_DIR.parts[-3:] == (".cache", "bench", "results")
+    assert results_dir(parse_args(["--compare"])) == LOCAL_RESULTS_DIR
+    assert results_dir(parse_args(["--label", "local-cpu"])) == DOCS_RESULTS_DIR
+    assert DOCS_RESULTS_DIR.parts[-2:] == ("docs", "bench")
+    assert results_dir(parse_args(["--label", "x", "--out-dir", str(tmp_path)])) == tmp_path
 
 
 def test_load_generator_against_the_server(server: RunningServer, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
-from starcoder_serving.settings import ENV_OVERRIDES, ServingSettings
+from starcoder_serving.settings import ENV_OVERRIDES, ServingSettings, resolve_placement
 from truss.base.truss_config import Accelerator, TrussConfig
 from truss.contexts.image_builder.serving_image_builder import ServingImageBuilderContext
 from truss.contexts.local_loader.docker_build_emulator import DockerBuildEmulator
@@ -44,7 +44,9 @@ def test_requirements_are_pinned_exactly() -> None:
 def test_model_metadata_settings_are_valid() -> None:
     metadata = yaml.safe_load(CONFIG_PATH.read_text())["model_metadata"]
     settings = ServingSettings.from_sources(metadata, environ={})
-    assert (settings.checkpoint, settings.dtype, settings.device) == ("bigcode/starcoder", "bfloat16", "cuda")
+    assert (settings.checkpoint, settings.dtype, settings.device) == ("bigcode/starcoder", None, None)
+    # Unset, they follow the machine: the GPU deployment loads on CUDA in bfloat16.
+    assert settings.resolved_placement(cuda_available=True) == ("cuda", "bfloat16")
     assert settings.context_window is None  # the checkpoint's own (n_positions: 8192)
     assert settings.default_max_new_tokens <= settings.max_new_tokens_cap
 
@@ -55,6 +57,29 @@ def test_environment_overrides_config() -> None:
         environ={"STARCODER_CHECKPOINT": "/tmp/tiny", "STARCODER_DEVICE": "cpu", "STARCODER_DTYPE": "float32"},
     )
     assert (settings.resolved_checkpoint(), settings.device, settings.dtype) == ("/tmp/tiny", "cpu", "float32")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "cuda_available", "expected"),
+    [
+        (None, None, True, ("cuda", "bfloat16")),
+        (None, None, False, ("cpu", "float32")),
+        ("auto", None, False, ("cpu", "float32")),
+        ("auto", None, True, ("cuda", "bfloat16")),
+        ("cpu", None, True, ("cpu", "float32")),
+        ("cuda:1", None, True, ("cuda:1", "bfloat16")),
+        (None, "float16", False, ("cpu", "float16")),
+        ("cuda", "bfloat16", False, ("cuda", "bfloat16")),  # explicit values are kept, even where they fail
+        ("cpu", "auto", False, ("cpu", "auto")),  # transformers' "auto": the checkpoint's own dtype
+    ],
+)
+def test_placement_follows_the_machine_when_unset(
+    device: str | None, dtype: str | None, cuda_available: bool, expected: tuple[str, str]
+) -> None:
+    assert resolve_placement(device, dtype, cuda_available) == expected
+    environ = {k: v for k, v in {"STARCODER_DEVICE": device, "STARCODER_DTYPE": dtype}.items() if v}
+    settings = ServingSettings.from_sources({}, environ=environ)
+    assert settings.resolved_placement(cuda_available) == expected
 
 
 # A value other than the default for every setting, as an environment variable spells it.

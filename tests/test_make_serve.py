@@ -1,13 +1,18 @@
-"""`make serve` as a user runs it: killing make (or the launcher) never leaves a server holding the port."""
+"""`make serve` as a user runs it: killing make (or the launcher) never leaves a server holding the port, and
+Ctrl-C in a terminal stops it with exit status 0."""
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+import pty
 import shutil
 import signal
 import socket
 import subprocess
+import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +22,7 @@ import pytest
 
 from devtools.truss_local import DEFAULT_LAYOUT_DIR, REPO_ROOT, free_port
 
-VICTIMS = ("make", "launcher -9")
+VICTIMS = ("make", "launcher -9", "ctrl-c")
 
 
 def port_is_free(port: int) -> bool:
@@ -34,19 +39,53 @@ class MakeServe:
     port: int
     make: subprocess.Popen[bytes]
     log: Path
+    terminal: int | None = None  # the pseudo-terminal's master side, when make runs in one
 
 
-def start_make_serve(log: Path, taken: set[int]) -> MakeServe:
+def start_make_serve(log: Path, taken: set[int], terminal: bool = False) -> MakeServe:
     port = free_port()
     while port in taken:  # the kernel may hand the same free port out twice
         port = free_port()
     env = {**os.environ, "PORT": str(port)}
+    if terminal:
+        return start_in_a_terminal(log, port, env)
     with log.open("wb") as out:
         make = subprocess.Popen(
             ["make", "--no-print-directory", "serve"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # like a terminal's job: only the signal we send reaches it
         )  # fmt: skip
     return MakeServe(port, make, log)
+
+
+def start_in_a_terminal(log: Path, port: int, env: dict[str, str]) -> MakeServe:
+    """make serve as typed in a shell: a session of its own whose controlling terminal is a pseudo-terminal, make
+    in its foreground. Writing Ctrl-C (\x03) to the terminal is then exactly the user's keystroke."""
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "serve"], cwd=REPO_ROOT, env=env, stdin=slave, stdout=slave, stderr=slave,
+        start_new_session=True, preexec_fn=controlling_terminal,  # noqa: PLW1509
+    )  # fmt: skip
+    os.close(slave)
+
+    def copy_output() -> None:  # the terminal's output to the log, so the server never blocks writing
+        with log.open("wb") as out:
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # every writer has gone
+                    break
+                if not chunk:
+                    break
+                out.write(chunk)
+                out.flush()
+        os.close(master)
+
+    threading.Thread(target=copy_output, daemon=True).start()
+    return MakeServe(port, make, log, terminal=master)
 
 
 def wait_ready(serve: MakeServe) -> None:
@@ -85,7 +124,9 @@ def make_serves(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     logs = tmp_path_factory.mktemp("make-serve")
     serves: dict[str, MakeServe] = {}
     for i, victim in enumerate(VICTIMS):
-        serves[victim] = start_make_serve(logs / f"serve-{i}.log", {serve.port for serve in serves.values()})
+        serves[victim] = start_make_serve(
+            logs / f"serve-{i}.log", {serve.port for serve in serves.values()}, terminal=victim == "ctrl-c"
+        )
     try:
         yield serves
     finally:
@@ -107,6 +148,13 @@ def test_killing_make_serve_stops_the_server(victim: str, make_serves: dict[str,
     assert launcher_pids(port)
     if victim == "make":
         serve.make.send_signal(signal.SIGTERM)
+    elif victim == "ctrl-c":
+        assert serve.terminal is not None
+        os.write(serve.terminal, b"\x03")
+        # The terminal sends SIGINT to its foreground job: the launcher and the server, which stop cleanly,
+        # and make exits 0, printing no error ("make: *** [serve] Error ...").
+        assert serve.make.wait(timeout=40) == 0, serve.log.read_text()[-2000:]
+        assert "Error" not in serve.log.read_text()[-500:]
     else:
         os.kill(min(launcher_pids(port)), signal.SIGKILL)  # the launcher, not the server
     deadline = time.monotonic() + 40

@@ -40,8 +40,11 @@ class ServingSettings(pydantic.BaseModel):
     checkpoint: str = "bigcode/starcoder"
     # Checked before `checkpoint`: where truss's build-time weight cache puts the files.
     local_weights_dir: str | None = None
-    dtype: Dtype = "bfloat16"
-    device: str = "cuda"
+    # None (unset): they follow the machine, resolved at load (``resolve_placement``): CUDA in bfloat16 where
+    # torch sees a GPU, else the CPU in float32. dtype "auto" is transformers' (the checkpoint's own dtype);
+    # device "auto" means the same as unset.
+    dtype: Dtype | None = None
+    device: str | None = None
     attn_implementation: str = "sdpa"
     # None: the checkpoint's own window (n_positions / max_position_embeddings, family/profile.py). A number
     # caps it lower (a checkpoint's window is never exceeded: positions past it were never trained).
@@ -141,6 +144,10 @@ class ServingSettings(pydantic.BaseModel):
             values["local_weights_dir"] = None
         return cls.model_validate(values)
 
+    def resolved_placement(self, cuda_available: bool) -> tuple[str, str]:
+        """(device, dtype) to load on: see ``resolve_placement``."""
+        return resolve_placement(self.device, self.dtype, cuda_available)
+
     def resolved_checkpoint(self) -> str:
         """The local weight cache when truss populated it, else the checkpoint (path or hub id)."""
         if self.local_weights_dir and os.path.isfile(os.path.join(self.local_weights_dir, "config.json")):
@@ -170,3 +177,14 @@ def _from_environment(env_name: str, field: str, text: str) -> Any:
             return value  # pydantic checks that its items are strings
         problem = "is not a list"
     raise ValueError(f'{env_name} must be a JSON list of strings, e.g. {env_name}=\'["a", "b"]\'; {text!r} {problem}.')
+
+
+def resolve_placement(device: str | None, dtype: str | None, cuda_available: bool) -> tuple[str, str]:
+    """Where and in what precision to load: an explicit device and dtype are kept; an unset device (or "auto")
+    is "cuda" when a GPU is available, else "cpu"; an unset dtype is bfloat16 on CUDA and float32 elsewhere
+    (bfloat16 on a CPU is slow and less exact)."""
+    if device is None or device.strip().lower() in ("", "auto"):
+        device = "cuda" if cuda_available else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.split(":")[0] == "cuda" else "float32"
+    return device, dtype

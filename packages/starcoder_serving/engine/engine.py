@@ -210,13 +210,22 @@ class Engine:
         checkpoint = settings.resolved_checkpoint()
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, token=hf_token)
-        dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        # Unset device and dtype follow the machine: CUDA in bfloat16 with a GPU, else the CPU in float32.
+        device, dtype_name = settings.resolved_placement(torch.cuda.is_available())
+        logger.info(
+            "loading on %s in %s (%s)",
+            device,
+            dtype_name,
+            "as set" if settings.device not in (None, "auto") and settings.dtype is not None
+            else f"unset values follow the machine: {'a CUDA GPU' if torch.cuda.is_available() else 'no CUDA GPU'}",
+        )
+        dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint,
             token=hf_token,
             dtype=dtype,
             attn_implementation=settings.attn_implementation,
-            device_map=settings.device,
+            device_map=device,
         ).eval()
         if model.device.type == "cpu":
             cpu_threads.install(model, settings.cpu_threads)
