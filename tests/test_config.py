@@ -90,6 +90,7 @@ NON_DEFAULT: dict[str, tuple[str, object]] = {
     "device": ("cpu", "cpu"),
     "attn_implementation": ("flash_attention_2", "flash_attention_2"),
     "context_window": ("1024", 1024),
+    "context_token_budget": ("2048", 2048),
     "default_max_new_tokens": ("100", 100),
     "max_new_tokens_cap": ("4096", 4096),
     "max_num_return_sequences": ("3", 3),

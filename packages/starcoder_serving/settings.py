@@ -49,6 +49,9 @@ class ServingSettings(pydantic.BaseModel):
     # None: the checkpoint's own window (n_positions / max_position_embeddings, family/profile.py). A number
     # caps it lower (a checkpoint's window is never exceeded: positions past it were never trained).
     context_window: int | None = pydantic.Field(None, ge=16)
+    # Tokens a fill-in-the-middle prompt's repository context (repository name, other files) may take at most; the
+    # file being completed comes first, and the nearest files fill the rest (text/repo_context.py).
+    context_token_budget: int = pydantic.Field(4096, ge=0)
     default_max_new_tokens: int = pydantic.Field(256, ge=1)
     max_new_tokens_cap: int = pydantic.Field(2048, ge=1)
     max_num_return_sequences: int = pydantic.Field(8, ge=1)

@@ -135,7 +135,7 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _json_pieces(head: dict[str, Any], choices: Iterator[dict[str, Any]], usage: dict[str, int]) -> Iterator[bytes]:
+def _json_pieces(head: dict[str, Any], choices: Iterator[dict[str, Any]], usage: dict[str, Any]) -> Iterator[bytes]:
     """``{**head, "choices": [...], "usage": usage}`` as JSON, one choice at a time."""
     yield _json(head)[:-1] + b',"choices":['
     for i, choice in enumerate(choices):
@@ -175,18 +175,23 @@ class _Answer:
     model: str
     include_usage: bool
     prompt_tokens: int
+    # Repository context (an extension of usage): one report per prompt, when the request sent context.
+    context: list[dict[str, Any]] | None = None
     id: str = ""
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id", f"{self.object_prefix}-{uuid.uuid4().hex}")
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {
+    def usage(self, completion_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
+        if self.context is not None:
+            usage["context"] = self.context
+        return usage
 
 
 class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
@@ -208,7 +213,13 @@ class _OpenAIProtocol(RouteProtocol[SamplingRequest]):
         )
 
     def _begin(self, parsed: SamplingRequest, valid: ValidRequest) -> _Answer:
-        return _Answer(self.object_prefix, self.model_name, parsed.include_usage, valid.prompt_tokens)
+        reports = [
+            (prompt.rendered.context, len(prompt.prompt_ids))
+            for prompt in valid.prompts
+            if prompt.rendered.context is not None
+        ]
+        context = [report.as_dict(tokens) for report, tokens in reports] if reports else None
+        return _Answer(self.object_prefix, self.model_name, parsed.include_usage, valid.prompt_tokens, context)
 
     def answer(self, parsed: SamplingRequest, valid: ValidRequest, outcome: Outcome) -> Response:
         answer = self._begin(parsed, valid)

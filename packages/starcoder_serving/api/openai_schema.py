@@ -16,6 +16,13 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from starcoder_serving.api.common_fields import STOP_SHAPE, CommonFields
 from starcoder_serving.api.field_errors import describe_validation_error
+from starcoder_serving.api.predict_schema import (
+    MAX_CONTEXT_FILES,
+    REPO_FIELDS,
+    RepoFile,
+    completion_ending,
+    repo_context,
+)
 from starcoder_serving.engine.request import (
     ChatPrompt,
     FieldNames,
@@ -164,6 +171,11 @@ class CompletionRequest(SamplingRequest):
     echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     best_of: PositiveInt | None = None
+    # Extensions (as on predict): repository context for fill-in-the-middle, and editor-style endings.
+    repo_name: StrictStr | None = None
+    path: Annotated[StrictStr, Field(min_length=1)] | None = None
+    files: Annotated[list[RepoFile], Field(max_length=MAX_CONTEXT_FILES)] | None = None
+    stop_at: Literal["line", "block"] | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt of the request: a string or a list of token ids."""
@@ -184,9 +196,12 @@ class CompletionRequest(SamplingRequest):
             )
 
     def to_request(self) -> GenerationRequest:
+        sampling = self.sampling_params(self.logprobs)
+        if self.stop_at is not None:
+            sampling = sampling.model_copy(update={"stop_at": completion_ending(self.stop_at)})
         return GenerationRequest(
             prompts=tuple(self._prompt(prompt) for prompt in self.prompts()),
-            sampling=self.sampling_params(self.logprobs),
+            sampling=sampling,
             output=OutputOptions(
                 stream=self.streaming,
                 echo=bool(self.echo),
@@ -198,8 +213,15 @@ class CompletionRequest(SamplingRequest):
         )
 
     def _prompt(self, prompt: str | list[int]) -> Prompt:
-        if self.suffix is not None:
-            return FimPrompt(prompt if isinstance(prompt, str) else tuple(prompt), self.suffix, field="suffix")
+        context = repo_context(self.repo_name, self.path, self.files)
+        if self.suffix is not None or context is not None:
+            # Repository context makes the prompt the prefix of a fill-in-the-middle (an empty suffix if none).
+            return FimPrompt(
+                prompt if isinstance(prompt, str) else tuple(prompt),
+                self.suffix or "",
+                field="suffix" if self.suffix is not None else REPO_FIELDS[2],
+                context=context,
+            )
         return TextPrompt(prompt) if isinstance(prompt, str) else TokenPrompt(tuple(prompt))
 
 

@@ -57,6 +57,9 @@ class PredictProtocol(RouteProtocol[PredictRequest]):
             "prompt_tokens": first.prompt_tokens,
             "completion_tokens": first.completion_tokens,
         }
+        if (context := valid.prompts[0].rendered.context) is not None:
+            # Repository context: which files made it into the window, and what was dropped to fit.
+            data["context"] = context.as_dict(first.prompt_tokens)
         if len(completions) > 1:
             data["completions"] = [
                 {"completion": c.text, "finish_reason": c.finish_reason.value, "completion_tokens": c.completion_tokens}

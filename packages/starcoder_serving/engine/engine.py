@@ -275,8 +275,13 @@ class Engine:
         self.routed[route.path] += 1
         if not self._warming_up:
             _BY_PATH[route.path].inc()
-        # A stop sequence is found in the text as it comes, so a job with stop sequences is never quiet.
-        job = Job(plan, asyncio.get_running_loop(), path=route.path.value, quiet=quiet and not plan.stop)
+        # A stop sequence (or an editor-style ending) is found in the text as it comes: such a job is never quiet.
+        job = Job(
+            plan,
+            asyncio.get_running_loop(),
+            path=route.path.value,
+            quiet=quiet and not plan.stop and plan.sampling.stop_at is None,
+        )
         if route.path is GenerationPath.BATCHED:
             self._batched.submit(job)
         else:
@@ -336,7 +341,7 @@ class Engine:
         ``trace``: told, at the end, the generation's path, first-token time, tokens and finish reason.
         """
         job = self._admit(plan, quiet)
-        text = TextAssembler(self.tokenizer, plan.stop)
+        text = TextAssembler(self.tokenizer, plan.stop, plan.sampling.stop_at)
         started = time.perf_counter()
         watcher = None if client_gone is None else asyncio.create_task(_abandon_when_gone(client_gone, job))
         try:

@@ -44,13 +44,32 @@ class TokenPrompt:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextFile:
+    path: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RepoContext:
+    """The repository around a fill-in-the-middle file: its name, the file's own path, and other files, the nearest
+    to the cursor last (trimmed from the front when they do not fit)."""
+
+    repo_name: str | None = None
+    path: str | None = None
+    files: tuple[ContextFile, ...] = ()
+    field: str = "files"  # named in its errors
+
+
+@dataclasses.dataclass(frozen=True)
 class FimPrompt:
     """Fill-in-the-middle: the model writes what goes between ``prefix`` and ``suffix``. A prefix given as token
-    ids is refused (the FIM tokens are placed in text)."""
+    ids is refused (the FIM tokens are placed in text). ``context``: the repository it is part of, written in the
+    model family's own format (``text/prompts.py``, ``RepoFormat``)."""
 
     prefix: str | tuple[int, ...]
     suffix: str
     field: str = "prefix"
+    context: RepoContext | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictInt
 
+from starcoder_serving.text.completion_endings import CompletionEnding
+
 # Below this a temperature is greedy decoding (vLLM's epsilon): dividing logits by 1e-46 gives infinities.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -81,6 +83,9 @@ class SamplingParams(pydantic.BaseModel):
     # Output.
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # None: none; k: chosen + top k
     stop: tuple[str, ...] = ()
+    # Editor-style ending (text/completion_endings.py): the request's mode, with the cursor's line filled in per
+    # prompt by validation.
+    stop_at: CompletionEnding | None = None
 
     @property
     def greedy(self) -> bool:
@@ -235,6 +240,7 @@ _GENERATION_CONFIG_NAMES = frozenset(SamplingParams.model_fields) - {
     "logit_bias",
     "logprobs",
     "stop",
+    "stop_at",
     "ignore_eos",
 }
 # What a checkpoint's generation_config.json may set for every request (not lengths: planning owns them).

@@ -23,13 +23,16 @@ from starcoder_serving.engine.request import (
     FimPrompt,
     GenerationRequest,
     Prompt,
+    RepoContext,
     TextPrompt,
     TokenPrompt,
 )
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.errors import InvalidRequest
 from starcoder_serving.settings import ServingSettings
+from starcoder_serving.text.completion_endings import CompletionEnding
 from starcoder_serving.text.prompts import ChatRenderer, FimTokens, InstructionTemplate, RenderedPrompt
+from starcoder_serving.text.repo_context import fit_repo_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,12 @@ class RequestValidator:
                 f"{name('logprobs')}, or send {name('max_new_tokens')} >= 1.",
                 param=name("max_new_tokens"),
             )
+        if sampling.stop_at is not None and not all(isinstance(p, TextPrompt | FimPrompt) for p in request.prompts):
+            raise InvalidRequest(
+                f"`{name('stop_at')}` ends a completion at the cursor's line or block: send it with a text prompt or "
+                "a fill-in-the-middle prefix.",
+                param=name("stop_at"),
+            )
         if output.echo and any(isinstance(prompt, FimPrompt) for prompt in request.prompts):
             raise InvalidRequest(
                 f"`{name('echo')}` cannot be combined with `{name('suffix')}` (fill-in-the-middle).", param=name("echo")
@@ -204,7 +213,11 @@ class RequestValidator:
         if request.truncate_prompt is not None:  # TGI keeps the last `truncate` tokens of the input
             prompt_ids = prompt_ids[-request.truncate_prompt :]
         self._check_prompt_length(request, prompt_ids, prompt.field)
-        plans = self._plans(request, prompt_ids, rendered.implied_stop) if request.output.generate else []
+        plans = (
+            self._plans(request, prompt_ids, rendered.implied_stop, _cursor_line(prompt))
+            if request.output.generate
+            else []
+        )
         return ValidPrompt(index, rendered, prompt_ids, echo, tuple(plans))
 
     def _tokenize_bounded(self, text: str, field: str) -> list[int]:
@@ -248,6 +261,8 @@ class RequestValidator:
                     f"`{prompt.field}` (fill-in-the-middle) needs a text `{request.names('prompt')}`, not token ids.",
                     param=prompt.field,
                 )
+            if prompt.context is not None:
+                return self._render_repo(request, self._fim, prompt.context, prompt.prefix, prompt.suffix), ""
             return self._fim.render(prompt.prefix, prompt.suffix), ""
         if isinstance(prompt, ChatPrompt):
             if prompt.messages[-1][0] == "assistant":
@@ -257,6 +272,33 @@ class RequestValidator:
                 )
             return self._chat.render([{"role": role, "content": text} for role, text in prompt.messages]), ""
         return self._instructions.render(prompt.instruction, prompt.input), ""
+
+    def _render_repo(
+        self, request: GenerationRequest, fim: FimTokens, context: RepoContext, prefix: str, suffix: str
+    ) -> RenderedPrompt:
+        """A FIM prompt inside its repository, fitted to leave room for the tokens to generate (the requested
+        ``max_new_tokens``, else the default, at most half the window)."""
+        if fim.repo is None:
+            raise InvalidRequest(
+                f"`{context.field}`: this model ({self.model_name}) has no repository tokens; send the prefix and "
+                "suffix alone.",
+                param=context.field,
+            )
+        window, sampling = self.context_window, request.sampling
+        reserve = sampling.max_new_tokens or min(self.settings.default_max_new_tokens, window // 2)
+        return fit_repo_prompt(
+            fim,
+            fim.repo,
+            repo_name=context.repo_name,
+            path=context.path,
+            files=[(file.path, file.content) for file in context.files],
+            prefix=prefix,
+            suffix=suffix,
+            limit=max(1, window - reserve),
+            budget=self.settings.context_token_budget,
+            tokenize=self._tokenize,
+            decode=self._decode,
+        )
 
     def _check_prompt_length(self, request: GenerationRequest, prompt_ids: list[int], field: str) -> None:
         tokens, window = len(prompt_ids), self.context_window
@@ -273,7 +315,7 @@ class RequestValidator:
             )
 
     def _plans(
-        self, request: GenerationRequest, prompt_ids: list[int], implied_stop: tuple[str, ...]
+        self, request: GenerationRequest, prompt_ids: list[int], implied_stop: tuple[str, ...], cursor_line: str = ""
     ) -> list[GenerationPlan]:
         """n plans for one prompt: lengths resolved against it, the checkpoint's defaults filled in, and each
         sequence its own seed (seed, seed + 1, ...)."""
@@ -289,6 +331,8 @@ class RequestValidator:
         resolved = sampling.with_model_defaults(self._generation_defaults).with_lengths(max_new_tokens, min_new_tokens)
         if implied_stop:
             resolved = resolved.model_copy(update={"stop": (*sampling.stop, *implied_stop)})
+        if sampling.stop_at is not None:
+            resolved = resolved.model_copy(update={"stop_at": CompletionEnding(sampling.stop_at.mode, cursor_line)})
         return [GenerationPlan(list(prompt_ids), resolved.for_sequence(i)) for i in range(sampling.n)]
 
     @staticmethod
@@ -363,3 +407,9 @@ class RequestValidator:
                 param=least,
             )
         return max_new_tokens, min_new_tokens
+
+
+def _cursor_line(prompt: Prompt) -> str:
+    """The text of the line the cursor is on: the prompt's (or prefix's) last line (``stop_at``)."""
+    text = prompt.text if isinstance(prompt, TextPrompt) else prompt.prefix if isinstance(prompt, FimPrompt) else ""
+    return text.rsplit("\n", 1)[-1] if isinstance(text, str) else ""

@@ -15,12 +15,25 @@ from typing import Any
 
 from starcoder_serving.family.shape import ModelShape
 from starcoder_serving.settings import ServingSettings
-from starcoder_serving.text.prompts import FimTokens
+from starcoder_serving.text.prompts import FimTokens, RepoFormat
 
 logger = logging.getLogger(__name__)
 
 # The family's fill-in-the-middle tokens (StarCoder and StarCoder2 alike, prefix-suffix-middle order).
 FIM_TOKEN_NAMES = FimTokens(prefix="<fim_prefix>", suffix="<fim_suffix>", middle="<fim_middle>")
+# Repository metadata tokens (text/prompts.py, RepoFormat): StarCoder2's repository-level sequences, else
+# StarCoder's per-file metadata, whichever pair the vocabulary has.
+STARCODER2_REPO_TOKENS = ("<repo_name>", "<file_sep>")
+STARCODER_REPO_TOKENS = ("<reponame>", "<filename>")
+
+
+def repo_format(tokenizer: Any) -> RepoFormat | None:
+    """The family's repository format, from which metadata tokens its vocabulary has."""
+    if all(_vocabulary_id(tokenizer, t) is not None for t in STARCODER2_REPO_TOKENS):
+        return RepoFormat(*STARCODER2_REPO_TOKENS)
+    if all(_vocabulary_id(tokenizer, t) is not None for t in STARCODER_REPO_TOKENS) and tokenizer.eos_token:
+        return RepoFormat(*STARCODER_REPO_TOKENS, end_of_file=str(tokenizer.eos_token))
+    return None
 
 
 def _vocabulary_id(tokenizer: Any, token: str) -> int | None:
@@ -37,7 +50,8 @@ class ModelProfile:
     # The checkpoint's window, or the smaller one the settings ask for.
     context_window: int
     end_token_ids: frozenset[int]
-    # None: the vocabulary has no FIM tokens, and fill-in-the-middle requests are refused.
+    # None: the vocabulary has no FIM tokens, and fill-in-the-middle requests are refused. Its ``repo``: how the
+    # family writes repository context (None: no repository tokens, and such context is refused).
     fim: FimTokens | None
     # Bytes per element of the loaded weights and cache (bf16: 2): what a KV-cache token costs.
     dtype_bytes: int
@@ -69,7 +83,7 @@ class ModelProfile:
             shape=shape,
             context_window=window,
             end_token_ids=frozenset(i for i in end_ids if i is not None),
-            fim=FIM_TOKEN_NAMES if has_fim else None,
+            fim=dataclasses.replace(FIM_TOKEN_NAMES, repo=repo_format(tokenizer)) if has_fim else None,
             dtype_bytes=int(model.dtype.itemsize),
         )
 

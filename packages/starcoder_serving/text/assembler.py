@@ -1,4 +1,5 @@
-"""Token events to completion text: incremental detokenization, stop sequences, finish reason.
+"""Token events to completion text: incremental detokenization, stop sequences, editor-style endings
+(``stop_at``, ``completion_endings.py``), finish reason.
 
 Runs on the event loop, identically for streamed and non-streamed requests and for both generation
 paths, so the two can never disagree.
@@ -11,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent, TokenLogprob
+from starcoder_serving.text.completion_endings import CompletionEnding, CompletionEndingMatcher
 from starcoder_serving.text.detokenizer import IncrementalDetokenizer
-from starcoder_serving.text.stop_sequences import StopSequenceMatcher
+from starcoder_serving.text.stop_sequences import StopScan, StopSequenceMatcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +39,10 @@ CompletionCallback = Callable[[Completion], None]
 class TextAssembler:
     """Token events to completion text: incremental detokenization, stop sequences, finish reason."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], ending: CompletionEnding | None = None) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._matcher = StopSequenceMatcher(stop)
+        self._ending = None if ending is None else CompletionEndingMatcher(ending)
         self._parts: list[str] = []
         self._pending_logprobs: list[TokenLogprob] = []
         self._all_logprobs: list[TokenLogprob] = []
@@ -51,10 +54,13 @@ class TextAssembler:
         DoneEvent is not text: the engine raises its error to the client instead of feeding it here."""
         if isinstance(event, DoneEvent):
             assert event.error is None, "a failed generation's event reached the text assembler"
-            tail = self._matcher.feed(self._detokenizer.flush())
-            text = tail.emit if tail.stopped else tail.emit + self._matcher.flush()
+            tail = self._scan(self._detokenizer.flush())
+            if not tail.stopped:
+                rest = self._finish()
+                tail = StopScan(tail.emit + rest.emit, rest.stopped)
+            text = tail.emit
             self.reason = FinishReason.STOP if tail.stopped else event.reason
-        elif not self._matcher.active:
+        elif not self._matcher.active and self._ending is None:
             # No stop sequence to find: every token belongs to the completion, decoded together.
             self._take(event.token_ids, event.logprobs)
             text = self._detokenizer.push_many(event.token_ids)
@@ -63,7 +69,7 @@ class TextAssembler:
             pieces = []
             for i, token_id in enumerate(event.token_ids):
                 self._take(event.token_ids[i : i + 1], event.logprobs[i : i + 1])
-                scan = self._matcher.feed(self._detokenizer.push(token_id))
+                scan = self._scan(self._detokenizer.push(token_id))
                 pieces.append(scan.emit)
                 if scan.stopped:
                     self.reason = FinishReason.STOP
@@ -71,6 +77,24 @@ class TextAssembler:
             text = "".join(pieces)
         self._parts.append(text)
         return text
+
+    def _scan(self, text: str) -> StopScan:
+        """Stop sequences first, then the editor-style ending over what they let through: the first end wins."""
+        scan = self._matcher.feed(text)
+        if self._ending is None:
+            return scan
+        ended = self._ending.feed(scan.emit)
+        if scan.stopped and not ended.stopped:  # ended by a stop sequence: what the ending held is text before it
+            return StopScan(ended.emit + self._ending.flush(), True)
+        return StopScan(ended.emit, scan.stopped or ended.stopped)
+
+    def _finish(self) -> StopScan:
+        """The generation ended on its own: the text the matchers held back."""
+        held = self._matcher.flush()
+        if self._ending is None:
+            return StopScan(held, False)
+        scan = self._ending.feed(held)
+        return scan if scan.stopped else StopScan(scan.emit + self._ending.flush(), False)
 
     def _take(self, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...]) -> None:
         self.completion_tokens += len(token_ids)

@@ -23,10 +23,33 @@ class ChatTokenizer(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextReport:
+    """What of a request's repository context went into the prompt (``text/repo_context.py`` fits it)."""
+
+    files_used: tuple[str, ...]  # paths, in prompt order
+    files_dropped: tuple[str, ...]  # paths, in the order the client sent them
+    context_tokens: int  # what the repository name and the other files take
+    prefix_tokens_dropped: int = 0  # from the prefix's start
+    suffix_tokens_dropped: int = 0  # from the suffix's end
+
+    def as_dict(self, prompt_tokens: int) -> dict[str, Any]:
+        return {
+            "files_used": list(self.files_used),
+            "files_dropped": list(self.files_dropped),
+            "context_tokens": self.context_tokens,
+            "prefix_tokens_dropped": self.prefix_tokens_dropped,
+            "suffix_tokens_dropped": self.suffix_tokens_dropped,
+            "prompt_tokens": prompt_tokens,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class RenderedPrompt:
     text: str
     # Stop sequences implied by the input form, added to the client's own.
     implied_stop: tuple[str, ...] = ()
+    # Repository context: what was used and dropped to fit the window.
+    context: ContextReport | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +82,57 @@ class FimTokens:
     prefix: str
     suffix: str
     middle: str
+    # How the family writes a repository around the file (None: its vocabulary has no repository tokens).
+    repo: RepoFormat | None = None
 
     def render(self, prefix: str, suffix: str) -> RenderedPrompt:
         """The prefix-suffix-middle order StarCoder and StarCoder2 were trained on: the model writes the middle."""
         return RenderedPrompt(f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RepoFormat:
+    """How a family writes a repository around the file being completed, from the special tokens its vocabulary has
+    (family/profile.py finds them).
+
+    StarCoder2 (``<repo_name>``, ``<file_sep>``) was trained on whole repositories, FIM inside one of their files
+    (StarCoder2 paper, arXiv:2402.19173, section 5):
+    ``<repo_name>{repo}<file_sep>{path}\n{content}...<file_sep><fim_prefix>{path}\n{prefix}<fim_suffix>{suffix}<fim_middle>``.
+    StarCoder (``<reponame>``, ``<filename>``) saw one file per document, its metadata first,
+    ``<reponame>{repo}<filename>{path}\n{code}<|endoftext|>`` (bigcode's starcoder-playground, formats.md): each other
+    file is such a document, and the current one carries its metadata inside the FIM prefix,
+    ``<fim_prefix><reponame>{repo}<filename>{path}\n{prefix}<fim_suffix>{suffix}<fim_middle>``."""
+
+    repo_name: str  # "<repo_name>" | "<reponame>"
+    file_sep: str  # "<file_sep>" | "<filename>"
+    # StarCoder's end of a document ("<|endoftext|>"); empty for StarCoder2, whose files are separated by file_sep.
+    end_of_file: str = ""
+
+    @property
+    def per_file_metadata(self) -> bool:
+        """StarCoder: every file (document) carries the repository name; StarCoder2 names it once."""
+        return bool(self.end_of_file)
+
+    def head(self, repo_name: str | None) -> str:
+        """What comes before every file."""
+        return "" if self.per_file_metadata or repo_name is None else f"{self.repo_name}{repo_name}"
+
+    def _metadata(self, repo_name: str | None, path: str | None) -> str:
+        repo = f"{self.repo_name}{repo_name}" if repo_name is not None else ""
+        return repo + (f"{self.file_sep}{path}\n" if path is not None else "")
+
+    def file(self, repo_name: str | None, path: str, content: str) -> str:
+        """One other file of the repository."""
+        if self.per_file_metadata:
+            return f"{self._metadata(repo_name, path)}{content}{self.end_of_file}"
+        return f"{self.file_sep}{path}\n{content}"
+
+    def current(self, fim: FimTokens, repo_name: str | None, path: str | None, prefix: str, suffix: str) -> str:
+        """The file being completed, fill-in-the-middle."""
+        if self.per_file_metadata:
+            return fim.render(self._metadata(repo_name, path) + prefix, suffix).text
+        header = f"{path}\n" if path is not None else ""
+        return self.file_sep + fim.render(header + prefix, suffix).text
 
 
 class ChatRenderer:
