@@ -139,7 +139,7 @@ def test_llm_vscode_openai_backend_on_v1_completions(server: RunningServer) -> N
     /v1/completions), llm.requestBody with OpenAI's names (its default ``parameters`` object is TGI's)."""
     url = llm_ls_url("openai", f"{server.base_url}/v1", disable_url_path_completion=False)
     assert url == f"{server.base_url}/v1/completions"
-    request_body = {"max_tokens": 60, "temperature": 0.2, "top_p": 0.95}
+    request_body = {"max_tokens": 16, "temperature": 0.2, "top_p": 0.95}
     response = httpx.post(url, json=llm_ls_body("openai", request_body, FIM_PROMPT), headers=LLM_LS_HEADERS)
     assert response.status_code == 200, response.text
     [generated] = llm_ls_generations("openai", response.text)
@@ -187,7 +187,7 @@ def test_continue_openai_autocomplete_on_v1_completions(server: RunningServer) -
     assert urljoin(f"{server.base_url}/v1", "completions") == f"{server.base_url}/completions"  # without the slash
     body = {
         "model": "starcoder",
-        "max_tokens": 64,
+        "max_tokens": 16,  # completionOptions.maxTokens
         "temperature": 0.01,
         "top_p": 0.95,
         "frequency_penalty": 0.1,
@@ -286,7 +286,7 @@ def test_tabby_openai_completion_kinds(server: RunningServer, kind: str, prompt:
         "model": "starcoder",
         "prompt": prompt,
         "suffix": suffix,
-        "max_tokens": 64,
+        "max_tokens": 16,  # Tabby's max_decoding_tokens (64 by default; fewer here to keep the test quick)
         "temperature": 0.1,
         "stream": True,
         "presence_penalty": 0.0,
