@@ -179,7 +179,7 @@ def continue_stream(response: httpx.Response) -> list[dict[str, Any]]:
 
 def test_continue_openai_autocomplete_on_v1_completions(server: RunningServer) -> None:
     """config.json: provider "openai", apiBase "<base>/v1/" (the trailing slash matters: ``new URL("completions",
-    apiBase)``), "useLegacyCompletionsEndpoint": true, "maxStopWords": 8, completionOptions.maxTokens set.
+    apiBase)``), "useLegacyCompletionsEndpoint": true, completionOptions.maxTokens set; its whole stop list is accepted.
     Autocomplete calls ``_legacystreamComplete`` (``raw``): ``_convertArgs`` + ``prompt`` + ``stream: true``."""
     api_base = f"{server.base_url}/v1/"
     url = urljoin(api_base, "completions")
@@ -193,7 +193,7 @@ def test_continue_openai_autocomplete_on_v1_completions(server: RunningServer) -
         "frequency_penalty": 0.1,
         "presence_penalty": 0.1,
         "stream": True,
-        "stop": CONTINUE_STARCODER_STOPS[:8],  # maxStopWords: 8 → options.stop.slice(0, 8)
+        "stop": CONTINUE_STARCODER_STOPS,  # all of them: no maxStopWords setting needed
         "prompt": FIM_PROMPT,
     }
     headers = {"Content-Type": "application/json", "Authorization": "Bearer unused", "api-key": "unused"}

@@ -115,7 +115,7 @@ def test_messages_name_what_the_client_sent(server: RunningServer) -> None:
     stops = httpx.post(
         server.base_url + "/v1/completions", json={"prompt": "x", "stop": [str(i) for i in range(70)]}, timeout=60
     )
-    assert stops.status_code == 400 and "`stop` has 70 sequences; send at most 8" in message_of(stops)
+    assert stops.status_code == 400 and "`stop` has 70 sequences; send at most 32" in message_of(stops)
 
 
 def test_exponential_decay_length_penalty_is_accepted_as_a_json_pair(server: RunningServer) -> None:

@@ -192,7 +192,7 @@ def test_the_engines_limits_are_worded_in_openai_names(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         validated(engine, parse_completion_request, completion(prompt=[1, 10**9]))
     with pytest.raises(InvalidRequest, match="`stop` has"):
-        validated(engine, parse_completion_request, completion(stop=[str(i) for i in range(20)]))
+        validated(engine, parse_completion_request, completion(stop=[str(i) for i in range(40)]))
 
 
 def test_planning_builds_one_plan_per_choice(engine: Engine) -> None:

@@ -74,7 +74,7 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("invalid combination", {"prompt": "x", "temperature": 0.3}, "do_sample"),
     ("two input forms", {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}, "exactly one input form"),
     ("stream with bad param", {"prompt": "x", "stream": True, "max_new_tokens": -1}, "`max_new_tokens`"),
-    ("too many stops", {"prompt": "x", "stop": [str(i) for i in range(20)]}, "at most 8"),
+    ("too many stops", {"prompt": "x", "stop": [str(i) for i in range(40)]}, "at most 32"),
     ("n without sampling", {"prompt": "x", "num_return_sequences": 2}, "needs sampling"),
     ("body too large", {"prompt": "x" * (1024 * 1024 + 1)}, "the limit is 1048576"),
 ]

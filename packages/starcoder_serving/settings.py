@@ -56,7 +56,8 @@ class ServingSettings(pydantic.BaseModel):
     max_new_tokens_cap: int = pydantic.Field(2048, ge=1)
     max_num_return_sequences: int = pydantic.Field(8, ge=1)
     max_num_beams: int = pydantic.Field(8, ge=1)
-    max_stop_sequences: int = pydantic.Field(8, ge=0)
+    # Editor clients send many: Continue sends 12 for StarCoder, 15 for StarCoder2.
+    max_stop_sequences: int = pydantic.Field(32, ge=0)
     max_stop_sequence_chars: int = pydantic.Field(256, ge=1)
     # Requests admitted to the engine (running + waiting); past this the server answers 503.
     max_queued_requests: int = pydantic.Field(256, ge=1)
