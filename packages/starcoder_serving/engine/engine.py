@@ -216,7 +216,8 @@ class Engine:
             "loading on %s in %s (%s)",
             device,
             dtype_name,
-            "as set" if settings.device not in (None, "auto") and settings.dtype is not None
+            "as set"
+            if settings.device not in (None, "auto") and settings.dtype is not None
             else f"unset values follow the machine: {'a CUDA GPU' if torch.cuda.is_available() else 'no CUDA GPU'}",
         )
         dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name)
