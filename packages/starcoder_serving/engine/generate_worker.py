@@ -86,10 +86,9 @@ _OFF_IN_GENERATE: dict[str, Any] = {
     "sequence_bias": None,
     "guidance_scale": None,
 }
-# Rows of logits turned into logprobs at a time when a finished beam search's tokens are scored.
-_SCORING_CHUNK = 256
 # Prompt positions per forward pass when a prompt is scored: the most any scoring holds the model at once, and the
-# most logits (this many rows of the vocabulary) it holds in memory.
+# most logits (this many rows of the vocabulary) it holds in memory. Also the rows of a finished beam search's
+# logits turned into logprobs at a time.
 SCORING_CHUNK_TOKENS = 512
 
 
@@ -186,6 +185,18 @@ def _raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(_clean(logits.float()), dim=-1)
 
 
+def _score_rows(logits: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """For each row of raw logits: the logprob of its target token, and the ``top`` most likely tokens' ids (int32)
+    and logprobs, on the CPU (what ``PromptScores`` holds)."""
+    logprobs = _raw_logprobs(logits)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).cpu()
+    if not top:
+        rows = len(chosen)
+        return chosen, torch.empty((rows, 0), dtype=torch.int32), torch.empty((rows, 0), dtype=torch.float32)
+    values, indices = logprobs.topk(top, dim=-1)
+    return chosen, indices.to(torch.int32).cpu(), values.cpu()
+
+
 class _CleanRows(LogitsProcessor):
     """Extreme but valid values (a 1e-30 repetition penalty) overflow logits: NaN -> -inf, +inf -> the
     largest float, so sampling and beam scores stay defined (the batch does the same)."""
@@ -243,7 +254,7 @@ class _TokenForwarder(BaseStreamer):
             top = tuple(zip(indices.tolist(), values.tolist()))
         return TokenLogprob(token_id, float(row[token_id]), top)
 
-    def forward_all(self, token_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+    def forward_all(self, token_ids: list[int], logprobs: Sequence[TokenLogprob] | None = None) -> None:
         """A finished beam search's tokens, with their logprob entries when the request asked for them."""
         if token_ids and self.count == 0:
             self._job.first_token_at = time.perf_counter()
@@ -346,15 +357,11 @@ class PromptScorer:
         )
         # The last chunk's cache is not needed: dropped at once, not when the scoring is.
         self._cache = output.past_key_values if end < self.positions else None
-        logprobs = _raw_logprobs(output.logits[0])
+        logits = output.logits[0]
         del output
         targets = self._ids[start + 1 : end + 1].to(device)
-        self._chosen[start:end] = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).cpu()
-        top = self._top_ids.shape[1]
-        if top:
-            values, indices = logprobs.topk(top, dim=-1)
-            self._top_values[start:end] = values.cpu()
-            self._top_ids[start:end] = indices.to(torch.int32).cpu()
+        scored = _score_rows(logits, targets, self._top_ids.shape[1])
+        self._chosen[start:end], self._top_ids[start:end], self._top_values[start:end] = scored
         self._fed = end
         self.chunks_run += 1
 
@@ -564,25 +571,22 @@ class GenerateWorker:
                 time.perf_counter() - started,
             )
 
-    def _score_tokens(self, sequence: torch.Tensor, prompt_tokens: int, top: int) -> list[TokenLogprob]:
+    def _score_tokens(self, sequence: torch.Tensor, prompt_tokens: int, top: int) -> Sequence[TokenLogprob]:
         """Each generated token's logprob entry from one forward pass over the prompt and the generated tokens:
-        the model's own distribution at each position (``Engine.score_prompt``'s computation), what the recorder
-        gives a sampled or greedy request step by step. Runs with the model held (inside ``exclusive()``)."""
+        the model's own distribution at each position (what prompt scoring computes), what the recorder gives a
+        sampled or greedy request step by step. Runs with the model held (inside ``exclusive()``)."""
         generated = sequence[prompt_tokens:]
         if generated.numel() == 0:
             return []
         # The logits that predict each generated token: positions prompt_tokens - 1 .. len - 2.
         logits = self._model(input_ids=sequence.unsqueeze(0), logits_to_keep=generated.numel() + 1).logits[0, :-1]
-        entries: list[TokenLogprob] = []
-        for start in range(0, generated.numel(), _SCORING_CHUNK):
-            logprobs = _raw_logprobs(logits[start : start + _SCORING_CHUNK])
-            ids = generated[start : start + _SCORING_CHUNK]
-            chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
-            tops = logprobs.topk(top, dim=-1) if top else None
-            for i, token_id in enumerate(ids.tolist()):
-                alternatives = tuple(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else ()
-                entries.append(TokenLogprob(token_id, chosen[i], alternatives))
-        return entries
+        chunk = SCORING_CHUNK_TOKENS
+        chunks = [
+            _score_rows(logits[start : start + chunk], generated[start : start + chunk], top)
+            for start in range(0, generated.numel(), chunk)
+        ]
+        chosen, top_ids, top_values = (torch.cat(parts) for parts in zip(*chunks))
+        return PromptScores(generated.tolist(), chosen, top_ids, top_values)
 
     def _logits_processors(self, plan: GenerationPlan, recorder: _LogprobRecorder | None) -> LogitsProcessorList:
         """The batch's order (batch_sampler.py, vLLM's), built from transformers' public processor classes: the
