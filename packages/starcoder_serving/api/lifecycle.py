@@ -138,7 +138,7 @@ async def _serve(
             protocol = pick(body)
             record.route = protocol.route
         parsed, valid = await plan_request(request, _plan, protocol, engine, body)
-        record.prompt_tokens = sum(len(prompt.prompt_ids) for prompt in valid.prompts)
+        record.prompt_tokens = valid.prompt_tokens
         if engine.settings.log_request_text:
             record.text = {"prompt": [prompt.rendered.text for prompt in valid.prompts]}
         if valid.request.output.stream:

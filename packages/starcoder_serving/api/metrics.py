@@ -22,7 +22,6 @@ from starcoder_serving.engine.engine import StreamTrace
 
 logger = logging.getLogger("starcoder_serving.requests")
 
-ROUTES = ("predict", "tgi", "completions", "chat")
 # Code completion: an editor's keystroke answers in tens of milliseconds; a long prompt on a busy replica, seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)

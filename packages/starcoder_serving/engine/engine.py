@@ -273,8 +273,8 @@ class Engine:
         self.check_capacity()
         route = self.route(plan)
         self._admitted += 1
-        self.routed[route.path] += 1
-        if not self._warming_up:
+        if not self._warming_up:  # warm-up requests are not counted anywhere
+            self.routed[route.path] += 1
             _BY_PATH[route.path].inc()
         # A stop sequence (or an editor-style ending) is found in the text as it comes: such a job is never quiet.
         job = Job(
@@ -452,10 +452,9 @@ class Engine:
 
         The first user request then pays none of the one-off costs: the batch's KV cache and loop
         thread, CUDA kernels and library handles. A model that cannot generate fails the deploy at load
-        instead of failing its first requests. Warm-up requests are not counted in ``routed``.
+        instead of failing its first requests. Warm-up requests are not counted in ``routed`` or the metrics.
         """
         started = time.perf_counter()
-        counted = dict(self.routed)
         prompt_ids = self.tokenize("def")
         tokens = min(2, self.settings.max_new_tokens_cap)
         greedy = SamplingParams(max_new_tokens=tokens)
@@ -471,7 +470,6 @@ class Engine:
             asyncio.run(both_paths())
         finally:
             self._warming_up = False
-        self.routed = counted
         logger.info("warmed up both generation paths in %.2f s", time.perf_counter() - started)
 
     def health(self) -> str | None:
