@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +64,12 @@ def lay_out_server(layout_dir: Path = DEFAULT_LAYOUT_DIR) -> Path:
     return app_dir
 
 
-def server_environment(port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The image's environment, pointed at the tiny model unless STARCODER_CHECKPOINT says otherwise."""
-    env = dict(os.environ)
+def server_environment(
+    port: int, extra: dict[str, str] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The image's environment, pointed at the tiny model unless STARCODER_CHECKPOINT says otherwise. ``environ``:
+    the environment to start from (default: this process's now)."""
+    env = dict(os.environ if environ is None else environ)
     if not env.get("STARCODER_CHECKPOINT"):
         from devtools.tiny_model import build_tiny_model, build_tiny_starcoder2
 
@@ -97,10 +100,14 @@ def server_environment(port: int, extra: dict[str, str] | None = None) -> dict[s
 
 
 def start_server(
-    port: int, layout_dir: Path = DEFAULT_LAYOUT_DIR, extra_env: dict[str, str] | None = None, **popen_kwargs: object
+    port: int,
+    layout_dir: Path = DEFAULT_LAYOUT_DIR,
+    extra_env: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **popen_kwargs: object,
 ) -> subprocess.Popen[bytes]:
     app_dir = lay_out_server(layout_dir)
-    env = server_environment(port, extra_env)
+    env = server_environment(port, extra_env, environ)
     # The image copies packages/ to /packages and the server appends that to sys.path; here they sit
     # beside app/.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(app_dir.parent / "packages"), env.get("PYTHONPATH")]))
@@ -135,15 +142,24 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(
-    workdir: Path, extra_env: dict[str, str] | None = None, ready_timeout_s: float = 180, port: int | None = None
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    ready_timeout_s: float = 180,
+    port: int | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Iterator[RunningServer]:
     """Start the server on ``port`` (default: a free one; log in ``workdir/server.log``), wait until it is
-    ready, stop it after."""
+    ready, stop it after. ``environ``: as ``server_environment``'s."""
     port = port or free_port()
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         process = start_server(
-            port, layout_dir=workdir / "layout", extra_env=extra_env, stdout=log, stderr=subprocess.STDOUT
+            port,
+            layout_dir=workdir / "layout",
+            extra_env=extra_env,
+            environ=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     server = RunningServer(f"http://127.0.0.1:{port}", log_path, process)
     with serving(process, f"{server.base_url}/v1/models/model", log_path, "the Truss server", ready_timeout_s):

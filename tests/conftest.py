@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -80,9 +81,13 @@ def engine(tiny_model_dir: Path) -> Iterator[Engine]:
 
 @contextlib.contextmanager
 def launch_server(
-    tiny_model_dir: Path, workdir: Path, extra_env: dict[str, str] | None = None
+    tiny_model_dir: Path,
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """The real Truss server, laid out by truss from this package, serving the tiny model."""
+    """The real Truss server, laid out by truss from this package, serving the tiny model. ``environ``: the
+    environment to start from (default: the process's now)."""
     env = {
         "STARCODER_CHECKPOINT": str(tiny_model_dir),
         "STARCODER_DTYPE": "float32",
@@ -91,7 +96,7 @@ def launch_server(
         **(extra_env or {}),
     }
     try:
-        with running_server(workdir, env) as running:
+        with running_server(workdir, env, environ=environ) as running:
             yield running
     except ServerFailed as failure:
         pytest.fail(str(failure))
@@ -112,6 +117,9 @@ class ServerInBackground:
     ) -> None:
         self._ready = threading.Event()
         self._done = threading.Event()
+        # The environment as the session began: the server starts while other tests run, and a test's monkeypatched
+        # variables (STARCODER_CONTINUOUS_BATCHING=false, say) must not become the shared server's settings.
+        self._environ = dict(os.environ)
         self._running: RunningServer | None = None
         self._failure: BaseException | None = None
         self._thread = threading.Thread(
@@ -125,7 +133,7 @@ class ServerInBackground:
         try:
             if after is not None:
                 after._ready.wait()
-            with launch_server(model_dir, workdir, extra_env) as running:
+            with launch_server(model_dir, workdir, extra_env, self._environ) as running:
                 self._running = running
                 self._ready.set()
                 self._done.wait()
