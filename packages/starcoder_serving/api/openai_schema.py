@@ -14,15 +14,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from starcoder_serving.api.common_fields import STOP_SHAPE, CommonFields
+from starcoder_serving.api.common_fields import REPO_FIELDS, STOP_SHAPE, CommonFields, EditorFields
 from starcoder_serving.api.field_errors import describe_validation_error
-from starcoder_serving.api.predict_schema import (
-    MAX_CONTEXT_FILES,
-    REPO_FIELDS,
-    RepoFile,
-    completion_ending,
-    repo_context,
-)
 from starcoder_serving.engine.request import (
     ChatPrompt,
     FieldNames,
@@ -156,7 +149,7 @@ class SamplingRequest(CommonFields):
         return SamplingParams.model_validate(values)
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, EditorFields):
     """The body of ``POST /v1/completions``."""
 
     prompt: (
@@ -171,11 +164,6 @@ class CompletionRequest(SamplingRequest):
     echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     best_of: PositiveInt | None = None
-    # Extensions (as on predict): repository context for fill-in-the-middle, and editor-style endings.
-    repo_name: StrictStr | None = None
-    path: Annotated[StrictStr, Field(min_length=1)] | None = None
-    files: Annotated[list[RepoFile], Field(max_length=MAX_CONTEXT_FILES)] | None = None
-    stop_at: Literal["line", "block"] | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt of the request: a string or a list of token ids."""
@@ -198,7 +186,7 @@ class CompletionRequest(SamplingRequest):
     def to_request(self) -> GenerationRequest:
         sampling = self.sampling_params(self.logprobs)
         if self.stop_at is not None:
-            sampling = sampling.model_copy(update={"stop_at": completion_ending(self.stop_at)})
+            sampling = sampling.model_copy(update={"stop_at": self.completion_ending()})
         return GenerationRequest(
             prompts=tuple(self._prompt(prompt) for prompt in self.prompts()),
             sampling=sampling,
@@ -213,7 +201,7 @@ class CompletionRequest(SamplingRequest):
         )
 
     def _prompt(self, prompt: str | list[int]) -> Prompt:
-        context = repo_context(self.repo_name, self.path, self.files)
+        context = self.repo_context()
         if self.suffix is not None or context is not None:
             # Repository context makes the prompt the prefix of a fill-in-the-middle (an empty suffix if none).
             return FimPrompt(

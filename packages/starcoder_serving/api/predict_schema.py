@@ -12,22 +12,19 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field, StrictBool, StrictStr
 
-from starcoder_serving.api.common_fields import CommonFields
+from starcoder_serving.api.common_fields import REPO_FIELDS, CommonFields, EditorFields
 from starcoder_serving.api.generation_params import GenerationParameters
 from starcoder_serving.engine.request import (
     ChatPrompt,
-    ContextFile,
     FieldNames,
     FimPrompt,
     GenerationRequest,
     InstructionPrompt,
     OutputOptions,
     Prompt,
-    RepoContext,
     TextPrompt,
 )
 from starcoder_serving.engine.sampling_params import SamplingParams
-from starcoder_serving.text.completion_endings import CompletionEnding
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 
@@ -46,37 +43,11 @@ class ChatMessage(pydantic.BaseModel):
     content: StrictStr
 
 
-# The most other files one request's repository context may list.
-MAX_CONTEXT_FILES = 256
-# Repository context of a fill-in-the-middle prompt (the file's own path, its repository, other files).
-REPO_FIELDS = ("repo_name", "path", "files")
-
-
-class RepoFile(pydantic.BaseModel):
-    """One other file of the repository, as editors send it."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-
-    path: NonEmptyStr
-    content: StrictStr
-
-
-def repo_context(repo_name: str | None, path: str | None, files: list[RepoFile] | None) -> RepoContext | None:
-    """The request's repository context in the engine's terms; None when none was sent."""
-    if repo_name is None and path is None and files is None:
-        return None
-    return RepoContext(repo_name, path, tuple(ContextFile(f.path, f.content) for f in files or ()))
-
-
-def completion_ending(stop_at: str | None) -> CompletionEnding | None:
-    return None if stop_at is None else CompletionEnding(stop_at)  # type: ignore[arg-type]
-
-
 # transformers' names, but for the number of sequences.
 PREDICT_NAMES = FieldNames({"n": "num_return_sequences"})
 
 
-class PredictRequest(GenerationParameters, CommonFields):
+class PredictRequest(GenerationParameters, CommonFields, EditorFields):
     """The body of ``POST /v1/models/model:predict``."""
 
     prompt: NonEmptyStr | None = None
@@ -85,12 +56,6 @@ class PredictRequest(GenerationParameters, CommonFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     instruction: NonEmptyStr | None = None
     input: StrictStr | None = None
-    # Repository context (with prefix/suffix): text/prompts.py writes it in the model family's own format.
-    repo_name: StrictStr | None = None
-    path: NonEmptyStr | None = None
-    files: Annotated[list[RepoFile], Field(max_length=MAX_CONTEXT_FILES)] | None = None
-    # Editor-style ending: at the end of the cursor's line, or of its block (text/completion_endings.py).
-    stop_at: Literal["line", "block"] | None = None
 
     stream: StrictBool = False
 
@@ -116,7 +81,7 @@ class PredictRequest(GenerationParameters, CommonFields):
         if "num_return_sequences" in values:
             values["n"] = values.pop("num_return_sequences")
         if self.stop_at is not None:
-            values["stop_at"] = completion_ending(self.stop_at)
+            values["stop_at"] = self.completion_ending()
         return GenerationRequest(
             prompts=(self._prompt(),),
             sampling=SamplingParams.model_validate(values),
@@ -128,8 +93,7 @@ class PredictRequest(GenerationParameters, CommonFields):
         if self.prompt is not None:
             return TextPrompt(self.prompt)
         if self.prefix is not None:
-            context = repo_context(self.repo_name, self.path, self.files)
-            return FimPrompt(self.prefix, self.suffix or "", field="prefix", context=context)
+            return FimPrompt(self.prefix, self.suffix or "", field="prefix", context=self.repo_context())
         if self.messages is not None:
             return ChatPrompt(tuple((m.role, m.content) for m in self.messages))
         assert self.instruction is not None
