@@ -15,12 +15,16 @@ pinned version (tests/test_body_limit.py).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.responses import JSONResponse
+
+from starcoder_serving.api import envelope
 from starcoder_serving.api.metrics import RequestRecord
+from starcoder_serving.api.openai_schema import error_body
+from starcoder_serving.errors import PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +83,19 @@ class BodyLimit:
         path = str(scope.get("path", ""))
         # Counted and logged like every request (predict's body, unread, cannot tell TGI's shape from the seed's).
         record = RequestRecord(_route_of(path))
-        message = f"{reason} Send a smaller one."
+        error = PayloadTooLarge(f"{reason} Send a smaller one.")
+        # In the route's own error shape, as the route itself would answer it.
         if path.endswith(_OPENAI_PATHS):
-            error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-            content: dict[str, Any] = {"error": error}
+            response = JSONResponse(error_body(error.message, error.error_type, error.param), error.status_code)
         else:
-            content = {"status": "failed", "data": None, "message": message}
-        body = json.dumps(content).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),  # the rest of the upload is not read: uvicorn closes the connection
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            response = envelope.failure(error)
+        response.headers["connection"] = "close"  # the rest of the upload is not read: uvicorn closes the connection
+        await response(scope, _nothing_to_read, send)
         record.finish(413)
+
+
+async def _nothing_to_read() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def _route_of(path: str) -> str:
