@@ -110,6 +110,8 @@ NON_DEFAULT: dict[str, tuple[str, object]] = {
     "async_batching": ("true", True),
     "cpu_threads": ("3", 3),
     "stream_interval_ms": ("0.5", 0.5),
+    "speculative_tokens": ("0", 0),
+    "speculative_step_tokens": ("32", 32),
     "log_request_text": ("1", True),
     "instruction_template_file": ("other.json", "other.json"),
     "chat_template_file": ("other.jinja", "other.jinja"),

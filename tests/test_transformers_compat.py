@@ -405,6 +405,107 @@ def test_captures_steps(model: Any) -> None:
     assert compat.captures_steps(built) is False, broken("batch_processor.model_runner.pad_inputs")
 
 
+class _DraftHooks:
+    """Drafts the next tokens of a known greedy continuation (right, or each one off by one), and keeps all of
+    them (right) or none (wrong), as the sampler would report."""
+
+    def __init__(self, continuation: list[int], wrong: bool, vocab_size: int) -> None:
+        self.continuation = continuation
+        self.wrong = wrong
+        self.vocab_size = vocab_size
+        self.step: dict[str, list[int]] = {}
+        self.proposed: list[tuple[int, int, int]] = []  # (generated so far, position in the cache, room)
+
+    def propose(self, rows: list[compat.DecodingRow], token_room: int) -> dict[str, list[int]]:
+        (row,) = rows
+        self.proposed.append((len(row.generated), row.position, token_room))
+        done = len(row.generated)
+        drafts = self.continuation[done : done + min(3, row.tokens_left - 1)]
+        if self.wrong:
+            drafts = [(token + 1) % self.vocab_size for token in drafts]
+        return {row.request_id: drafts} if drafts else {}
+
+    def scheduled(self, drafts: dict[str, list[int]]) -> None:
+        self.step = drafts
+
+    def extra_rows(self) -> list[tuple[str, int]]:
+        return [(request_id, len(tokens)) for request_id, tokens in self.step.items()]
+
+    def accepted(self) -> dict[str, int]:
+        return {request_id: 0 if self.wrong else len(tokens) for request_id, tokens in self.step.items()}
+
+
+class _RowsProcessor(compat.ContinuousBatchingLogitsProcessor):
+    """Records the rows of each step; with wrong drafts, puts the first draft row (the prediction after the
+    request's last token) in the request's usual row, as BatchSampler does when no draft is kept."""
+
+    supported_kwargs: ClassVar[dict[str, type]] = {"plan": GenerationPlan}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, hooks: _DraftHooks) -> None:
+        self.hooks = hooks
+        self.rows: list[torch.Tensor] = []
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[compat.BatchRequest]) -> torch.Tensor:
+        extra = sum(k for _, k in self.hooks.extra_rows())
+        return torch.arange(len(requests_with_new_token) + extra, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        self.rows.append(scores.clone())
+        if self.hooks.wrong and scores.size(0) > 1:
+            scores = scores.clone()
+            scores[0] = scores[1]
+        return scores
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["drafts-kept", "drafts-rejected"])
+def test_install_step_hooks(model: Any, wrong: bool) -> None:
+    """A decoding request fed drafts gets logits at every draft position (the model's own predictions there),
+    keeps the drafts the hooks accept, and its cache is rolled back past the others: the output is the plain
+    greedy one whether every draft is kept or every one rejected."""
+    prompt = [5, 9, 17, 3, 44, 2, 8]
+    plain = build_manager(model)
+    plain.start()
+    try:
+        plain.add_request(input_ids=prompt, request_id="plain", max_new_tokens=12)
+        expected = result(plain, "plain").generated_tokens
+    finally:
+        plain.stop(block=True, timeout=30)
+    assert len(expected) == 12, "the reference ended early: pick another prompt"
+
+    hooks = _DraftHooks(expected, wrong, model.config.vocab_size)
+    processor = _RowsProcessor(hooks)
+    manager = build_manager(model)
+    compat.install_logits_processor(manager, processor)
+    compat.install_step_hooks(manager, hooks)
+    manager.start()
+    try:
+        manager.add_request(input_ids=prompt, request_id="drafted", max_new_tokens=12, plan=plan_for(prompt))
+        output = result(manager, "drafted")
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert output.error is None, output.error
+    assert output.generated_tokens == expected, broken("a request fed drafts no longer decodes as it would alone")
+    drafted = [rows for rows in processor.rows if rows.size(0) > 1]
+    assert drafted, broken("no step fed drafts: the scheduler hook is not called")
+    assert hooks.proposed[0][2] > 0, "the first decoding step had no room for drafts"
+    if not wrong:
+        # Each extra row is the prediction after one more draft: its argmax is the draft that follows.
+        first = drafted[0].argmax(dim=-1).tolist()
+        done = hooks.proposed[0][0]
+        assert first[1:] == expected[done : done + len(first) - 1], broken("draft rows are not at draft positions")
+        assert len(processor.rows) < 12, "keeping every draft took as many steps as plain decoding"
+    # The cache length the hooks see grows by what was kept (plus one), never by the rejected drafts.
+    positions = [position for _, position, _ in hooks.proposed]
+    generated = [count for count, _, _ in hooks.proposed]
+    assert [p - g for p, g in zip(positions, generated)] == [len(prompt) - 1] * len(positions), broken(
+        "a rejected draft's cache entry was not rolled back"
+    )
+
+
 def test_reexported_classes() -> None:
     assert compat.BatchRequest is FutureRequestState, broken("FutureRequestState moved")
     assert {"state", "has_new_token"} <= set(FutureRequestState.__slots__), broken("FutureRequestState.state")

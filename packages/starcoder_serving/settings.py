@@ -84,6 +84,13 @@ class ServingSettings(pydantic.BaseModel):
     # then lags the device by a step, so requests that need their latest token on the host (n-gram and
     # multi-token bad-word bans, logprobs) are served by generate() instead (engine/path_choice.py).
     async_batching: bool = False
+    # Speculative decoding in the batch (engine/speculation.py): up to this many draft tokens per request and step,
+    # drafted from the request's own prompt and output (n-gram lookup) and checked in the same forward pass; the
+    # output is the same as without it. 0: off. Also off with CUDA graphs, compile or async batching.
+    speculative_tokens: int = pydantic.Field(8, ge=0, le=32)
+    # Drafts only fill a step up to this many query tokens in all (decoding requests' own tokens included): past
+    # it a step is compute-bound and a wrong draft costs throughput.
+    speculative_step_tokens: int = pydantic.Field(64, ge=1)
     # A model on the CPU: torch's threads for a forward pass of few tokens (a decode step). None: one per core
     # but one, which stays free for the HTTP event loop; a pool spread over every core stalls each of a small
     # step's tiny operations whenever another thread needs a core. Prefill chunks use every core

@@ -190,7 +190,30 @@ class _Features:
 _FEATURE_NAMES = tuple(field.name for field in dataclasses.fields(_Features))
 _DYNAMIC_BANS = 1 << _FEATURE_NAMES.index("dynamic_bans")
 _LOGPROBS = 1 << _FEATURE_NAMES.index("logprobs")
+# The operations that read the tokens a request produced (a draft position's include the drafts before it).
+_HISTORY = (1 << _FEATURE_NAMES.index("repetition")) | (1 << _FEATURE_NAMES.index("additive"))
 _NOTHING = _Features.from_bits(0)  # the one instance a step of plain greedy rows gets
+
+
+@dataclasses.dataclass(frozen=True)
+class _DraftLayout:
+    """The rows of a step where some requests feed drafts (``speculation.py``), built on the host before it.
+
+    ``order[r]`` lists request r's rows by position (0..k: after its last token, then after each draft), padded
+    with its usual row; ``drafts[r]`` its drafts, padded with -1 (never a token); ``row_position`` and
+    ``row_request`` (1 + r, or 0 for a request without drafts) place every row of the step."""
+
+    requests: list[tuple[str, int]]  # (request id, drafts), in the order of their rows after the usual ones
+    host_order: list[list[int]]
+    row_slots: list[int]
+    usual_rows: int
+    main_rows: torch.Tensor
+    order: torch.Tensor
+    drafts: torch.Tensor
+    row_position: torch.Tensor
+    row_request: torch.Tensor
+    history: tuple[torch.Tensor, torch.Tensor] | None  # (row, token): a draft before the row's position
+    extra_bans: torch.Tensor | None  # the draft rows' n-gram and bad-word bans
 
 
 class _SlotTable:
@@ -309,14 +332,26 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._dynamic_banned = table(torch.bool)
         self._occurs = table(torch.bool)  # prompt and generated tokens: repetition penalty
         self._counts = table(torch.float32)  # generated tokens: presence/frequency penalties
-        # The chosen token's logprob and the top ones, per slot, read by the host after each step.
+        # The chosen token's logprob and the top ones, per row of the latest step, read by the host after it (grown
+        # when a step's draft rows outnumber the slots).
         self._logprob_values = torch.zeros((slots, 1 + MAX_TOP_LOGPROBS), dtype=torch.float32, device=device)
         self._logprob_ids = torch.zeros((slots, MAX_TOP_LOGPROBS), dtype=torch.long, device=device)
+        # The latest step: each row's slot, the rows of the requests that want logprobs (by request id), and the
+        # layout of its draft rows (None: no request fed drafts).
+        self._row_slots: list[int] = []
+        self._logprob_requests: dict[str, int] = {}
+        self._layout: _DraftLayout | None = None
+        self._accepted_host: list[int] = []
+        # This step's drafts by request id (speculation.Speculator.step_drafts); set by BatchedWorker.
+        self.step_drafts: Callable[[], dict[str, list[int]]] = dict
         # What a row with no token left is replaced by: only the first end token.
         self._end_row = torch.full((1, logits_width), _NEG_INF, device=device)
         self._end_row[0, int(self._eos[0])] = 0.0
         self._token_mix = _mul32(torch.arange(logits_width, dtype=torch.long, device=device), 0x27D4EB2F)
         self._arange = torch.arange(logits_width, device=device)
+        self._all_rows = torch.arange(slots, device=device)
+        self._no_limit = torch.tensor([2**62], dtype=torch.long, device=device)
+        self._accepted = torch.zeros(0, dtype=torch.long, device=device)
 
     # ---- the host side: slots and their state (the batch thread, before each forward) ----
 
@@ -324,19 +359,32 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         int32_tensor.fill_(self._spare)  # padding rows read the spare slot
 
     def prepare_tensor_args(self, requests_with_new_token: list[BatchRequest]) -> torch.Tensor:
+        """The slot of each logits row of the step: one row per request, then (when some request feeds drafts)
+        one per draft position, in ``_DraftLayout``'s order."""
         states = [request.state for request in requests_with_new_token]
         self._slots.collect(lambda: {state.request_id for state in states})
         bits = 0
         slots: list[int] = []
         slot_of, slot_bits = self._slots.of, self._slot_bits
+        drafts = self.step_drafts()
         for state in states:
             slot = slot_of.get(state.request_id)
             if slot is None:
                 slot = self._take_slot(state)
             if slot_bits[slot] & _DYNAMIC_BANS:
-                self._update_dynamic_bans(slot, self._plans[slot], state)
+                self._update_dynamic_bans(slot, self._plans[slot], state, drafts.get(state.request_id, ()))
             bits |= slot_bits[slot]
             slots.append(slot)
+        self._layout = None
+        if drafts and not self.static_graph:
+            self._layout = self._lay_out_drafts(states, slots, drafts)
+            slots = self._layout.row_slots
+        self._row_slots = slots
+        self._logprob_requests = (
+            {state.request_id: i for i, state in enumerate(states) if slot_bits[slots[i]] & _LOGPROBS}
+            if bits & _LOGPROBS
+            else {}
+        )
         if self.static_graph:
             self._features = _Features.everything()
             self._logprob_rows, self._logprob_k = None, min(MAX_TOP_LOGPROBS, self.logits_width)
@@ -344,7 +392,106 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             self._features = _Features.from_bits(bits)
             if bits & _LOGPROBS:
                 self._choose_logprob_rows(slots)
+        self._ensure_rows(len(slots))
         return torch.tensor(slots, dtype=torch.int32)
+
+    def _lay_out_drafts(self, states: list[Any], slots: list[int], drafts: dict[str, list[int]]) -> _DraftLayout:
+        """The rows of the requests that feed drafts: position j (0..k) of a request with k drafts is the model's
+        prediction after its last token and its first j drafts. Position k is the request's usual row; positions
+        0..k-1 are rows after every usual one, request after request."""
+        usual = len(slots)
+        row_slots = list(slots)
+        row_position = [0] * usual
+        row_request = [0] * usual
+        requests: list[tuple[str, int]] = []
+        main_rows: list[int] = []
+        order: list[list[int]] = []
+        draft_rows: list[list[int]] = []
+        history: tuple[list[int], list[int]] = ([], [])
+        extra_bans: list[tuple[int, list[int]]] = []
+        width = max(len(tokens) for tokens in drafts.values())
+        for i, state in enumerate(states):
+            tokens = drafts.get(state.request_id)
+            if not tokens:
+                continue
+            k = len(tokens)
+            slot = slots[i]
+            first = len(row_slots)
+            rows = [*range(first, first + k), i]
+            requests.append((state.request_id, k))
+            main_rows.append(i)
+            order.append(rows + [i] * (width - k))
+            draft_rows.append(tokens + [-1] * (width - k))
+            row_slots.extend([slot] * k)
+            row_position.extend(range(k))
+            row_position[i] = k
+            row_request.extend([len(requests)] * k)
+            row_request[i] = len(requests)
+            if self._slot_bits[slot] & _HISTORY:
+                for position, row in enumerate(rows):  # the drafts before each position are part of its history
+                    history[0].extend([row] * position)
+                    history[1].extend(tokens[:position])
+            if self._slot_bits[slot] & _DYNAMIC_BANS:
+                plan = self._plans[slot]
+                extra_bans.extend(
+                    (row, self._bans_for(plan, state, tokens[:position])) for position, row in enumerate(rows[:-1])
+                )
+        device = self._device
+
+        def tensor(values: list[Any]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device)
+
+        bans = None
+        if extra_bans:
+            bans = torch.zeros((len(row_slots) - usual, self.logits_width), dtype=torch.bool)
+            for row, banned in extra_bans:
+                bans[row - usual, banned] = True
+            bans = bans.to(device)
+        return _DraftLayout(
+            requests=requests,
+            host_order=order,
+            row_slots=row_slots,
+            usual_rows=usual,
+            main_rows=tensor(main_rows),
+            order=tensor(order),
+            drafts=tensor(draft_rows),
+            row_position=tensor(row_position),
+            row_request=tensor(row_request),
+            history=(tensor(history[0]), tensor(history[1])) if history[0] else None,
+            extra_bans=bans,
+        )
+
+    def _ensure_rows(self, rows: int) -> None:
+        if rows > self._logprob_values.size(0):
+            self._all_rows = torch.arange(rows, device=self._device)
+            self._logprob_values = torch.zeros((rows, 1 + MAX_TOP_LOGPROBS), dtype=torch.float32, device=self._device)
+            self._logprob_ids = torch.zeros((rows, MAX_TOP_LOGPROBS), dtype=torch.long, device=self._device)
+
+    # ---- speculation: what the step kept (the batch thread, after the step) ----
+
+    def draft_rows(self) -> list[tuple[str, int]]:
+        """(request id, drafts) in the order of the step's draft rows (``install_step_hooks``)."""
+        return [] if self._layout is None else self._layout.requests
+
+    def accepted_counts(self) -> dict[str, int]:
+        """How many drafts each request kept in the latest step (one host copy for all of them)."""
+        layout = self._layout
+        if layout is None:
+            return {}
+        self._accepted_host = self._accepted.tolist()
+        return {request_id: kept for (request_id, _), kept in zip(layout.requests, self._accepted_host)}
+
+    def rows_of(self, request_id: str) -> list[int]:
+        """The latest step's logprob rows of a request that asked for them, one per token it produced, in order."""
+        row = self._logprob_requests.get(request_id)
+        if row is None:
+            return []
+        layout = self._layout
+        if layout is not None:
+            for index, (drafting, _) in enumerate(layout.requests):
+                if drafting == request_id:
+                    return layout.host_order[index][: self._accepted_host[index] + 1]
+        return [row]
 
     def _choose_logprob_rows(self, slots: list[int]) -> None:
         """The rows of this step that want logprobs, and the most top logprobs one of them wants: the others'
@@ -419,12 +566,17 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if p.repetition_penalty != 1.0:
             self._occurs[slot, torch.tensor(plan.prompt_ids, dtype=torch.long, device=self._device)] = True
 
-    def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, state: Any) -> None:
-        """N-gram and multi-token bad-word bans for the request's next token, from its whole sequence."""
+    @staticmethod
+    def _bans_for(plan: GenerationPlan, state: Any, drafts: Sequence[int] = ()) -> list[int]:
+        """N-gram and multi-token bad-word bans for the token after the request's sequence and ``drafts``."""
         p = plan.sampling
         # initial_tokens: the prompt, plus the tokens generated before the cache was offloaded, if it was.
-        tokens = [*state.initial_tokens, *state.generated_tokens]
-        banned = banned_by_ngrams(tokens, p.no_repeat_ngram_size) + banned_by_bad_words(tokens, p.bad_words_ids)
+        tokens = [*state.initial_tokens, *state.generated_tokens, *drafts]
+        return banned_by_ngrams(tokens, p.no_repeat_ngram_size) + banned_by_bad_words(tokens, p.bad_words_ids)
+
+    def _update_dynamic_bans(self, slot: int, plan: GenerationPlan, state: Any, drafts: Sequence[int]) -> None:
+        """The bans of the request's usual row: after its sequence and all of this step's drafts."""
+        banned = self._bans_for(plan, state, drafts)
         row = self._dynamic_banned[slot]
         row.zero_()
         if banned:
@@ -445,17 +597,17 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
 
     # ---- reading results (the batch thread, after a step) ----
 
-    def read_logprobs(self, slots: list[int]) -> dict[int, TokenLogprob]:
-        """The latest step's logprob entries of these slots (one host copy for all of them)."""
-        if not slots:
+    def read_logprobs(self, rows: list[int]) -> dict[int, TokenLogprob]:
+        """The latest step's logprob entries of these rows (one host copy for all of them)."""
+        if not rows:
             return {}
-        index = torch.tensor(slots, dtype=torch.long, device=self._device)
+        index = torch.tensor(rows, dtype=torch.long, device=self._device)
         values = self._logprob_values.index_select(0, index).tolist()
         ids = self._logprob_ids.index_select(0, index).tolist()
         out: dict[int, TokenLogprob] = {}
-        for slot, row_values, row_ids in zip(slots, values, ids):
-            k = self._plans[slot].sampling.logprobs or 0
-            out[slot] = TokenLogprob(-1, row_values[0], tuple(zip(row_ids[:k], row_values[1 : k + 1])))
+        for row, row_values, row_ids in zip(rows, values, ids):
+            k = self._plans[self._row_slots[row]].sampling.logprobs or 0
+            out[row] = TokenLogprob(-1, row_values[0], tuple(zip(row_ids[:k], row_values[1 : k + 1])))
         return out
 
     def faulted(self, slot: int) -> bool:
@@ -464,23 +616,35 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
     # ---- the device side: one call per forward pass, rows = requests with a new token ----
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        layout = self._layout
         if self._features is _NOTHING:
             # Every row decodes plainly greedy: the manager's argmax of the model's logits is generate()'s choice.
-            return scores
+            return scores if layout is None else self._verify(scores, tensor_arg[: scores.size(0)].long(), layout)
         f = self._features
         slots = tensor_arg[: scores.size(0)].long()
+        history = None if layout is None else layout.history
         x = scores
         if f.bias:
             x = x + self._bias[slots]
         if f.repetition:
             penalty = self._repetition[slots].unsqueeze(-1)
-            x = torch.where(self._occurs[slots], torch.where(x < 0, x * penalty, x / penalty), x)
+            occurs = self._occurs[slots]
+            if history is not None:  # a draft position's history holds the drafts before it
+                occurs = occurs.index_put(history, torch.ones_like(history[0], dtype=torch.bool))
+            x = torch.where(occurs, torch.where(x < 0, x * penalty, x / penalty), x)
         if f.additive:
             counts = self._counts[slots]
+            if history is not None:
+                counts = counts.index_put(history, torch.ones_like(history[0], dtype=torch.float32), accumulate=True)
             x = x - self._frequency[slots].unsqueeze(-1) * counts - self._presence[slots].unsqueeze(-1) * (counts > 0)
         if f.dynamic_bans:
-            x = x.masked_fill(self._dynamic_banned[slots], _NEG_INF)
-        steps = self._steps[slots] if f.needs_steps else None
+            banned = self._dynamic_banned[slots]
+            if layout is not None and layout.extra_bans is not None:
+                banned[layout.usual_rows :] = layout.extra_bans
+            x = x.masked_fill(banned, _NEG_INF)
+        steps = None
+        if f.needs_steps:
+            steps = self._steps[slots] if layout is None else self._steps[slots] + layout.row_position
         if f.min_new_tokens:
             too_short = (steps < self._min_new[slots]).unsqueeze(-1)
             x = x.index_copy(1, self._eos, torch.where(too_short, _NEG_INF, x[:, self._eos]))
@@ -500,20 +664,59 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         # A row with no finite logit left (every token banned) ends with an end token; its request fails.
         dead = x.amax(dim=-1) == _NEG_INF
         x = torch.where(dead.unsqueeze(-1), self._end_row, x)
-        self._faulted.index_put_((slots,), dead, accumulate=True)  # bool accumulate: or
         final = x
         if f.sampled:
             final = torch.where(greedy, x, x + gumbel_noise(self._seed[slots], steps, self._token_mix))
+        if layout is not None:
+            return self._verify(final, slots, layout, raw=raw, raw_cleaned=raw_cleaned, dead=dead)
+        self._faulted.index_put_((slots,), dead, accumulate=True)  # bool accumulate: or
         self._steps.index_add_(0, slots, torch.ones_like(slots))
         if f.needs_choice:
             chosen = final.argmax(dim=-1)  # what the manager's own argmax will pick
             if f.logprobs:
-                self._record_logprobs(raw, slots, chosen, cleaned=raw_cleaned)
+                self._record_logprobs(raw, chosen, cleaned=raw_cleaned)
             if f.repetition:
                 self._occurs[slots, chosen] = True
             if f.additive:
                 self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         return final
+
+    def _verify(
+        self,
+        final: torch.Tensor,
+        slots: torch.Tensor,
+        layout: _DraftLayout,
+        *,
+        raw: torch.Tensor | None = None,
+        raw_cleaned: bool = False,
+        dead: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Speculation's check, on the device: each row's pick (what the manager's argmax of ``final`` takes, as it
+        would without speculation), the run of drafts equal to the picks before them (stopping at an end token),
+        and the request's usual row given the pick after that run. History (step counts, penalties' counts, faults,
+        logprobs) moves by the kept positions only."""
+        chosen = final.argmax(dim=-1)
+        picks = chosen[layout.order]  # [requests, width + 1]: the pick at each position
+        width = layout.drafts.size(1)
+        agree = (picks[:, :width] == layout.drafts) & ~torch.isin(picks[:, :width], self._eos)
+        accepted = agree.long().cumprod(dim=-1).sum(dim=-1)
+        self._accepted = accepted
+        # A row is kept when its position is at most its request's accepted count (rows of other requests: always).
+        limit = torch.cat([self._no_limit, accepted])[layout.row_request]
+        kept = layout.row_position <= limit
+        f = self._features
+        if f is not _NOTHING:
+            assert dead is not None and raw is not None
+            self._faulted.index_put_((slots,), dead & kept, accumulate=True)
+            self._steps.index_add_(0, slots, kept.long())
+            if f.logprobs:
+                self._record_logprobs(raw, chosen, cleaned=raw_cleaned)
+            if f.repetition:
+                self._occurs.index_put_((slots, chosen), kept, accumulate=True)
+            if f.additive:
+                self._counts.index_put_((slots, chosen), kept.float(), accumulate=True)
+        last = layout.order.gather(1, accepted.unsqueeze(1)).squeeze(1)
+        return final.index_copy(0, layout.main_rows, final.index_select(0, last))
 
     def _decay(self, x: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """transformers' ExponentialDecayLengthPenalty: after ``start`` new tokens, raise the end tokens'
@@ -567,9 +770,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
         return x.masked_fill(remove, _NEG_INF)
 
-    def _record_logprobs(
-        self, scores: torch.Tensor, slots: torch.Tensor, chosen: torch.Tensor, *, cleaned: bool = False
-    ) -> None:
+    def _record_logprobs(self, scores: torch.Tensor, chosen: torch.Tensor, *, cleaned: bool = False) -> None:
         """The model's own distribution (vLLM's default logprobs): log_softmax of the step's raw logits, before
         logit bias, penalties, bans, temperature and truncation, for the rows that asked; ``chosen`` is the
         token the manager picks (``cleaned``: ``scores`` are already through ``_clean``). ``generate()``'s recorder
@@ -577,15 +778,17 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         rows = self._logprob_rows
         if rows is not None:
             scores = scores.index_select(0, rows)
-            slots, chosen = slots.index_select(0, rows), chosen.index_select(0, rows)
+            chosen = chosen.index_select(0, rows)
+        else:
+            rows = self._all_rows[: scores.size(0)]
         logprobs = (scores if cleaned else _clean(scores.float())).log_softmax(dim=-1)
         # A row with no finite logit at all (a broken model) has no distribution: -inf, never NaN.
         chosen_values = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).nan_to_num(nan=_NEG_INF)
-        self._logprob_values[slots, 0] = chosen_values
+        self._logprob_values[rows, 0] = chosen_values
         if self._logprob_k:
             top_values, top_ids = logprobs.topk(self._logprob_k, dim=-1)
-            self._logprob_values[slots, 1 : 1 + top_values.size(-1)] = top_values.nan_to_num(nan=_NEG_INF)
-            self._logprob_ids[slots, : top_ids.size(-1)] = top_ids
+            self._logprob_values[rows, 1 : 1 + top_values.size(-1)] = top_values.nan_to_num(nan=_NEG_INF)
+            self._logprob_ids[rows, : top_ids.size(-1)] = top_ids
 
 
 def _sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

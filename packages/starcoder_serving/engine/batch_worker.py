@@ -51,7 +51,9 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from starcoder_serving.engine import transformers_compat as compat
 from starcoder_serving.engine.batch_sampler import BatchSampler
+from starcoder_serving.engine.drafting import Drafter
 from starcoder_serving.engine.jobs import Job, PacedDelivery
+from starcoder_serving.engine.speculation import SpeculationStats, Speculator
 from starcoder_serving.engine.transformers_compat import GenerationOutput, OutputRouter
 from starcoder_serving.errors import GenerationFailed, InvalidRequest, out_of_memory
 from starcoder_serving.events import DoneEvent, Event, FinishReason, TokenEvent, TokenLogprob
@@ -129,6 +131,9 @@ class BatchedWorker:
         compile_level: int = 0,
         async_batching: bool = False,
         stream_interval_s: float = 0.0,
+        speculative_tokens: int = 0,
+        speculative_step_tokens: int = 64,
+        drafter: Drafter | None = None,
     ) -> None:
         # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
         self._eos_token_ids = sorted(eos_token_ids)
@@ -178,6 +183,20 @@ class BatchedWorker:
         )
         compat.install_logits_processor(self._manager, self.sampler)
         compat.install_output_router(self._manager, _JobRouter(self))
+        # Speculation needs each step's tokens on the host before the next is prepared, and steps of any shape.
+        self.speculator: Speculator | None = None
+        if speculative_tokens > 0 and not static_step and not async_batching:
+            sliding_window = getattr(model.config, "sliding_window", None)
+            self.speculator = Speculator(
+                max_tokens=speculative_tokens,
+                step_token_limit=speculative_step_tokens,
+                sliding_window=sliding_window if isinstance(sliding_window, int) and sliding_window > 0 else None,
+                drafter=drafter,
+            )
+            self.speculator.attach(self.sampler.draft_rows, self.sampler.accepted_counts)
+            speculator = self.speculator
+            self.sampler.step_drafts = lambda: speculator.step_drafts
+            compat.install_step_hooks(self._manager, self.speculator)
         if static_step:
             # Capture (or compile) the step at its largest shapes now, not in the first requests' time; the
             # warm-up's dummy rows read the sampler's spare slot. A no-op where no graph backend exists (CPU).
@@ -252,6 +271,11 @@ class BatchedWorker:
         return None
 
     @property
+    def speculation(self) -> SpeculationStats:
+        """Draft tokens fed and kept since start (zeros when speculation is off)."""
+        return SpeculationStats() if self.speculator is None else self.speculator.snapshot()
+
+    @property
     def kv_cache_tokens(self) -> int | None:
         """The paged cache's capacity in tokens (None until the loop has built it, at its first request)."""
         return compat.kv_cache_tokens(self._manager)
@@ -289,25 +313,26 @@ class BatchedWorker:
         else:
             emissions.extend((active.job, e) for e in events)
 
-    def _step_logprobs(self, found: list[tuple[GenerationOutput, _Active | None]]) -> dict[str, TokenLogprob]:
-        """This step's logprob entries of the requests that asked for them, by request id (one host copy)."""
-        wanted: dict[str, int] = {}
+    def _step_logprobs(self, found: list[tuple[GenerationOutput, _Active | None]]) -> dict[str, list[TokenLogprob]]:
+        """This step's logprob entries of the requests that asked for them, by request id: one per token the
+        request produced in the step (several when it kept drafts), read in one host copy."""
+        wanted: dict[str, list[int]] = {}
         for output, active in found:
             if active is not None and active.wants_logprobs:
-                slot = self.sampler.slot_of(output.request_id)
-                if slot is not None:
-                    wanted[output.request_id] = slot
+                rows = self.sampler.rows_of(output.request_id)
+                if rows:
+                    wanted[output.request_id] = rows
         if not wanted:
             return {}
-        by_slot = self.sampler.read_logprobs(list(wanted.values()))
-        return {request_id: by_slot[slot] for request_id, slot in wanted.items()}
+        by_row = self.sampler.read_logprobs([row for rows in wanted.values() for row in rows])
+        return {request_id: [by_row[row] for row in rows] for request_id, rows in wanted.items()}
 
     def _on_output(
         self,
         output: GenerationOutput,
         active: _Active,
         emissions: list[tuple[Job, Event]],
-        logprobs: dict[str, TokenLogprob],
+        logprobs: dict[str, list[TokenLogprob]],
     ) -> bool:
         """On the manager's thread, for each new token of a streaming request and at its end: queue its events.
         True when they should reach the client without waiting: the request's first token, or its end."""
@@ -337,20 +362,23 @@ class BatchedWorker:
                 timestamps = output.timestamps  # a job the manager did not stream: when its first token came
                 job.first_token_at = timestamps[0] if timestamps else time.perf_counter()
             active.forwarded = len(tokens)
-            # One step gives one token (its logprob entry is this step's); should it give more, the earlier ones
-            # go without logprobs, so that an event's entries always match its tokens one for one.
-            entry = logprobs.get(output.request_id)
-            last = dataclasses.replace(entry, token_id=int(new[-1])) if entry is not None else None
+            # A step gives one token, or several when the request kept drafts, each with its logprob entry. Should
+            # the entries be fewer than the tokens, the earlier tokens go without, so that an event's entries always
+            # match its tokens one for one.
+            entries = logprobs.get(output.request_id, [])[-len(new) :]
+            with_entries = new[len(new) - len(entries) :] if entries else []
+            entries = [
+                dataclasses.replace(entry, token_id=int(token)) for entry, token in zip(entries, with_entries)
+            ]
             if active.quiet:
                 active.tokens = tokens
-                if last is not None:
-                    active.logprobs.append(last)
-            elif last is None:
+                active.logprobs.extend(entries)
+            elif not entries:
                 emissions.append((job, TokenEvent(tuple(new))))
             else:
-                if len(new) > 1:
-                    emissions.append((job, TokenEvent(tuple(new[:-1]))))
-                emissions.append((job, TokenEvent((last.token_id,), (last,))))
+                if len(new) > len(entries):
+                    emissions.append((job, TokenEvent(tuple(new[: len(new) - len(entries)]))))
+                emissions.append((job, TokenEvent(tuple(with_entries), tuple(entries))))
         if output.is_finished():
             ended = bool(tokens) and tokens[-1] in self._eos_token_ids
             slot = self.sampler.slot_of(output.request_id)

@@ -26,6 +26,7 @@ from starcoder_serving.engine.jobs import GenerationPlan, Job
 from starcoder_serving.engine.path_choice import GenerationPath, Route, choose_path
 from starcoder_serving.engine.request import GenerationRequest
 from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.engine.speculation import SpeculationStats
 from starcoder_serving.engine.validation import RequestValidator, ValidRequest
 from starcoder_serving.errors import InvalidRequest, Overloaded
 from starcoder_serving.events import DoneEvent, FinishReason
@@ -69,6 +70,15 @@ BATCH_SIZE = Gauge("starcoder_batch_size", "Rows (requests) in the continuous ba
 BATCH_SIZE.set_function(_read(lambda engine: engine.batch_size))
 KV_CACHE_USAGE = Gauge("starcoder_kv_cache_usage_ratio", "Used / total KV-cache pages of the continuous batch.")
 KV_CACHE_USAGE.set_function(_read(lambda engine: engine.kv_cache_usage))
+# Monotonic since load, read from the engine at scrape time (prometheus_client's counters cannot be read from a source).
+SPECULATIVE_DRAFTED = Gauge(
+    "starcoder_speculative_draft_tokens", "Draft tokens fed to the model by speculative decoding since load."
+)
+SPECULATIVE_DRAFTED.set_function(_read(lambda engine: engine.speculation.drafted))
+SPECULATIVE_ACCEPTED = Gauge(
+    "starcoder_speculative_accepted_tokens", "Draft tokens the model kept (speculative decoding) since load."
+)
+SPECULATIVE_ACCEPTED.set_function(_read(lambda engine: engine.speculation.accepted))
 PREFIX_CACHE_HITS = Counter(
     "starcoder_prefix_cache_hit_tokens", "Prompt tokens served from shared KV-cache pages (prefix sharing)."
 )
@@ -200,6 +210,8 @@ class Engine:
             compile_level=settings.compile_level,
             async_batching=self.async_batching,
             stream_interval_s=settings.stream_interval_ms / 1000,
+            speculative_tokens=settings.speculative_tokens,
+            speculative_step_tokens=settings.speculative_step_tokens,
         )
 
     @classmethod
@@ -321,6 +333,11 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         return 0.0 if self._batched is None else self._batched.kv_cache_usage
+
+    @property
+    def speculation(self) -> SpeculationStats:
+        """Speculative decoding's counts since load: draft tokens fed to the model, and of those, kept."""
+        return SpeculationStats() if self._batched is None else self._batched.speculation
 
     async def stream(
         self,

@@ -9,16 +9,18 @@ so an upgrade that moves one of them fails loudly in CI instead of misbehaving i
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 import transformers
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor,
     ContinuousBatchingLogitsProcessorList,
 )
 from transformers.generation.continuous_batching.continuous_api import OutputRouter
-from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
+from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput, RequestStatus
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
@@ -41,6 +43,7 @@ __all__ = [
     "generation_thread",
     "hand_one_step_to_batch",
     "holds_pause",
+    "install_step_hooks",
     "install_logits_processor",
     "install_output_router",
     "kv_cache_tokens",
@@ -179,3 +182,176 @@ def count_prefix_hits(listener: Any) -> None:
 
         PagedAttentionCache.search_prefix_match = counted  # type: ignore[method-assign]
     _prefix_hit_listeners.append(listener)
+
+
+# ---- speculative decoding: several tokens of one request in a step (engine/speculation.py) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingRow:
+    """A decoding request as the drafter sees it before a step is scheduled."""
+
+    request_id: str
+    prompt: list[int]  # the prompt (plus tokens generated before an offload, which transformers folds into it)
+    generated: list[int]  # its output so far; the last one is the token this step feeds in
+    position: int  # tokens in its KV cache
+    tokens_left: int  # new tokens it may still produce
+
+
+class StepHooks(Protocol):
+    """What ``install_step_hooks`` asks, on the batch thread, around each step."""
+
+    def propose(self, rows: list[DecodingRow], token_room: int) -> dict[str, list[int]]:
+        """Draft tokens per request id (at most ``token_room`` in all), fed in after the request's last token."""
+        ...
+
+    def scheduled(self, drafts: dict[str, list[int]]) -> None:
+        """The drafts of the requests the step holds (read by the sampler when it lays out the step's rows)."""
+        ...
+
+    def extra_rows(self) -> list[tuple[str, int]]:
+        """(request id, drafts) in the order of the logits rows the sampler added after the step's usual rows."""
+        ...
+
+    def accepted(self) -> dict[str, int]:
+        """After the step: how many of each request's drafts the model accepted."""
+        ...
+
+
+def install_step_hooks(manager: Any, hooks: StepHooks) -> None:
+    """Let a step feed a decoding request its last token *and* draft tokens, check them all in one forward pass,
+    and keep the accepted ones (before ``start()``; synchronous batching only).
+
+    transformers schedules a decoding request one token a step and samples one token per request at its last
+    query position. Four places of one step are wrapped, on the batch processor the manager creates:
+
+    * ``scheduler.schedule_batch``: drafts are appended to ``tokens_to_process`` of decoding requests (a request
+      fed several tokens is scheduled like a prefill chunk: cache pages are allocated for all of them);
+    * ``inputs_and_outputs.prepare_batch_tensors``: logits are also taken at each draft's position, as rows after
+      the step's usual one-per-request rows (the sampler puts each request's chosen token in its usual row);
+    * ``inputs_and_outputs.get_model_kwargs``: those rows reach the forward and the logits processor;
+    * ``update_batch``: each request's accepted drafts are added to its output before the manager adds the
+      sampled token, and its length is rolled back past the rejected ones, whose cache entries the next step
+      overwrites (its pages stay with it, reused at its next step, freed at its end).
+    """
+    create = manager._create_batch_processor
+
+    def create_hooked() -> Any:
+        processor = create()
+        if not getattr(processor, "_starcoder_step_hooks", False):
+            _hook_processor(processor, hooks)
+            processor._starcoder_step_hooks = True
+        return processor
+
+    manager._create_batch_processor = create_hooked
+
+
+def _hook_processor(processor: Any, hooks: StepHooks) -> None:
+    scheduler, io, cache = processor.scheduler, processor.inputs_and_outputs, processor.cache
+    schedule_batch, prepare_batch_tensors = scheduler.schedule_batch, io.prepare_batch_tensors
+    get_model_kwargs, update_batch = io.get_model_kwargs, processor.update_batch
+    # The logits rows of one step: the usual ones (at most max_requests_per_batch) then the drafts' (at most the
+    # step's tokens). ``io.logits_indices`` is the start of a row of the bulk input tensor, max_batch_tokens + 1 wide.
+    bulk = io._bulk_input_tensor
+    index_row = next(bulk[i] for i in range(bulk.size(0)) if bulk[i].data_ptr() == io.logits_indices.data_ptr())
+    step: dict[str, Any] = {"rows": 0, "drafts": {}}
+
+    def schedule(token_budget: int, cache_budget: int) -> Any:
+        rows, room = _decoding_rows(scheduler, token_budget, cache_budget)
+        drafts = hooks.propose(rows, room) if rows and room > 0 else {}
+        states = scheduler.active_requests
+        for request_id, tokens in drafts.items():
+            states[request_id].tokens_to_process = [*states[request_id].tokens_to_process, *tokens]
+        result = schedule_batch(token_budget, cache_budget)
+        held: dict[str, list[int]] = {}
+        if drafts:
+            for future in result[0] or ():
+                state = future.state
+                tokens = drafts.pop(state.request_id, None)
+                if tokens is None:
+                    continue
+                if state.remaining_prefill_tokens:
+                    # Split by the token budget (drafting leaves room for every draft, so only a scheduler that puts
+                    # prefill first does this): the drafts that did not fit are dropped, not prefilled later.
+                    state.remaining_prefill_tokens = []
+                    future.has_new_token = True
+                    tokens = tokens[: future.query_length - 1]
+                if tokens:
+                    held[state.request_id] = tokens
+            for request_id, tokens in drafts.items():  # not scheduled this step: back to their last token alone
+                state = states.get(request_id)
+                if state is not None:
+                    del state.tokens_to_process[len(state.tokens_to_process) - len(tokens) :]
+        step["drafts"] = held
+        hooks.scheduled(held)
+        return result
+
+    def prepare(*args: Any, **kwargs: Any) -> None:
+        prepare_batch_tensors(*args, **kwargs)
+        extra = hooks.extra_rows()
+        if not extra:
+            step["rows"] = 0
+            return
+        positions = io.req_id_to_new_token_position
+        indices = [positions[request_id] - k + j for request_id, k in extra for j in range(k)]
+        usual = io.num_request_in_batch
+        index_row[usual : usual + len(indices)] = torch.tensor(indices, dtype=index_row.dtype)
+        step["rows"] = usual + len(indices)
+
+    def model_kwargs(use_padding: bool = False) -> Any:
+        kwargs = get_model_kwargs(use_padding=use_padding)
+        if step["rows"]:
+            kwargs["logits_indices"] = index_row[: step["rows"]]
+            kwargs["logits_processor_args"] = bulk[io.static_inputs :, : step["rows"]]
+        return kwargs
+
+    def update() -> None:
+        drafts: dict[str, list[int]] = step["drafts"]
+        if step["rows"]:
+            step["rows"] = 0
+            accepted = hooks.accepted()
+            for future in io.requests_in_batch:
+                state = future.state
+                tokens = drafts.get(state.request_id)
+                if tokens is None or state.status != RequestStatus.DECODING:
+                    continue
+                kept = accepted.get(state.request_id, 0)
+                past = state.position_offset - future.query_length
+                # Pages completed by the kept tokens only (prefix sharing hashes them from the output).
+                state.position_offset = past
+                future.complete_blocks = cache.count_new_complete_blocks(state, 1 + kept)
+                state.position_offset = past + 1 + kept
+                for token in tokens[:kept]:  # never the end: a draft the model ends on is not kept as a draft
+                    state.update_and_check_completion(token, None)
+        step["drafts"] = {}
+        update_batch()
+
+    scheduler.schedule_batch = schedule
+    io.prepare_batch_tensors = prepare
+    io.get_model_kwargs = model_kwargs
+    processor.update_batch = update
+
+
+def _decoding_rows(scheduler: Any, token_budget: int, cache_budget: int) -> tuple[list[DecodingRow], int]:
+    """The decoding requests a step may draft for, and the tokens left for drafts once every decoding request's
+    own token and every waiting prefill (new prompts come first: their time to first token) is counted."""
+    rows: list[DecodingRow] = []
+    prefill = 0
+    kv_read = 0
+    for state in scheduler.active_requests.values():
+        if state.status == RequestStatus.DECODING:
+            kv_read += state.position_offset
+            if not state.is_cpu_offloaded and len(state.tokens_to_process) == 1 and state.generated_tokens:
+                left = state._new_tokens_limit - len(state.generated_tokens)
+                rows.append(
+                    DecodingRow(state.request_id, state.initial_tokens, state.generated_tokens, state.position_offset, left)
+                )
+        else:
+            prefill += len(state.remaining_prefill_tokens)
+    if not scheduler.block_new_requests:
+        prefill += sum(len(state.remaining_prefill_tokens) for state in scheduler.waiting_requests.values())
+    room = token_budget - len(rows) - prefill
+    # A step that feeds several tokens to a request reads the cache through the varlen path's bounded index.
+    if kv_read + len(rows) + max(room, 0) > cache_budget:
+        room = min(room, cache_budget - kv_read - len(rows))
+    return rows, room

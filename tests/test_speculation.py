@@ -1,0 +1,384 @@
+"""Speculative decoding in the batch (engine/speculation.py, drafting.py, BatchSampler's verification).
+
+The random tiny models never repeat themselves, so n-gram drafts would never be tried on them: most tests here
+draft with ``OracleDrafter`` from the output without speculation, with every draft right, half of them, or none,
+and check that what a request gets is exactly what it gets without speculation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy
+import pytest
+import torch
+from starcoder_serving.engine.batch_worker import BatchedWorker
+from starcoder_serving.engine.drafting import Drafter, NgramDrafter, OracleDrafter, TokenHistory, lookup
+from starcoder_serving.engine.jobs import GenerationPlan, Job
+from starcoder_serving.engine.sampling_params import SamplingParams
+from starcoder_serving.engine.speculation import Speculator
+from starcoder_serving.engine.transformers_compat import DecodingRow
+from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent
+from transformers import AutoModelForCausalLM
+
+from tests.test_batch_sampler import VOCAB, Row, make_plan, sampler
+
+PROMPTS = [
+    [5, 9, 17, 3, 44, 2, 8, 101, 7],
+    [300, 12, 12, 45, 600, 3],
+    [77, 78, 79],
+]
+
+
+def load(directory: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    return load(tiny_model_dir)
+
+
+class Outcome:
+    def __init__(self) -> None:
+        self.events: list[TokenEvent] = []
+        self.done: DoneEvent | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return [token for event in self.events for token in event.token_ids]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [entry.logprob for event in self.events for entry in event.logprobs]
+
+    def same_as(self, other: Outcome) -> bool:
+        """Same tokens, end and logprob entries (values to float32 precision: a forward pass over several
+        positions rounds differently from one over one)."""
+        assert self.done is not None and other.done is not None
+        return (
+            self.tokens == other.tokens
+            and self.done.reason == other.done.reason
+            and len(self.logprobs) == len(other.logprobs)
+            and all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(self.logprobs, other.logprobs))
+        )
+
+
+def worker(model: Any, speculative_tokens: int, drafter: Drafter | None = None, **options: Any) -> BatchedWorker:
+    settings: dict[str, Any] = {
+        "eos_token_ids": {0},
+        "logits_width": model.config.vocab_size,
+        "max_requests": 16,
+        "max_batch_sequences": 16,
+        "max_batch_tokens": 256,
+        "kv_num_blocks": 96,
+        "kv_page_size": 16,
+        "kv_memory_fraction": None,
+        "prefix_sharing": True,
+        "stream_interval_s": 0.0,
+    }
+    settings.update(options)
+    return BatchedWorker(model, speculative_tokens=speculative_tokens, drafter=drafter, **settings)
+
+
+def run(
+    batch: BatchedWorker, prompts: Sequence[Sequence[int]], quiet: bool = False, cancel_after: int | None = None, **params: Any
+) -> list[Outcome]:
+    """Submits every prompt at once and collects each one's events."""
+    loop = asyncio.new_event_loop()
+
+    async def collect() -> list[Outcome]:
+        jobs = []
+        for prompt in prompts:
+            job = Job(GenerationPlan(list(prompt), SamplingParams(**{"max_new_tokens": 40, **params})), loop, quiet=quiet)
+            jobs.append(job)
+            batch.submit(job)
+        outcomes = []
+        for job in jobs:
+            outcome = Outcome()
+            while outcome.done is None:
+                for event in await job.next_events():
+                    if isinstance(event, TokenEvent):
+                        outcome.events.append(event)
+                        if cancel_after is not None and len(outcome.tokens) >= cancel_after:
+                            job.cancelled.set()
+                    else:
+                        outcome.done = event
+            outcomes.append(outcome)
+        return outcomes
+
+    try:
+        return loop.run_until_complete(collect())
+    finally:
+        loop.close()
+
+
+def reference(model: Any, prompts: Sequence[Sequence[int]], **params: Any) -> list[Outcome]:
+    batch = worker(model, 0)
+    try:
+        return run(batch, prompts, **params)
+    finally:
+        batch.shutdown()
+
+
+def speculating(
+    model: Any, prompts: Sequence[Sequence[int]], expected: list[Outcome], acceptance: float, **params: Any
+) -> tuple[list[Outcome], Any]:
+    drafter = OracleDrafter(
+        [[*prompt, *outcome.tokens] for prompt, outcome in zip(prompts, expected)], acceptance, model.config.vocab_size
+    )
+    batch = worker(model, 6, drafter)
+    try:
+        return run(batch, prompts, **params), batch.speculation
+    finally:
+        batch.shutdown()
+
+
+# ---- drafting ----
+
+
+def test_lookup_drafts_what_followed_the_latest_longest_match() -> None:
+    tokens = numpy.array([1, 2, 3, 4, 5, 9, 1, 2, 7, 8, 0, 1, 2])
+    # [1, 2] occurs at 0 and 6: the latest (6) wins, and what followed it is drafted.
+    assert lookup(tokens, 3) == [7, 8, 0]
+    # A longer match beats a later, shorter one: [0, 1, 2] occurred only at 10..12 itself, [1, 2] earlier.
+    tokens = numpy.array([4, 1, 2, 3, 6, 1, 2, 5, 4, 1, 2])
+    assert lookup(tokens, 2) == [3, 6]
+    assert lookup(numpy.array([1, 2, 3, 4]), 3) == []  # no earlier occurrence
+    assert lookup(numpy.array([7, 7, 7, 7]), 5) == [7]  # what follows runs into the sequence's own end
+    assert lookup(numpy.array([1, 2, 1, 2]), 0) == []
+
+
+def test_token_history_grows_without_losing_tokens() -> None:
+    history = TokenHistory([1, 2, 3], capacity=4)
+    history.extend([4, 5])
+    history.extend(list(range(6, 40)))
+    assert history.tokens.tolist() == list(range(1, 40))
+    assert NgramDrafter().propose("r", history, 4) == []
+
+
+# ---- the policy ----
+
+
+def rows(count: int, left: int = 100, position: int = 40) -> list[DecodingRow]:
+    return [DecodingRow(f"r{i}", [1, 2, 3, 4] * 8, [1, 2, 3], position, left) for i in range(count)]
+
+
+class FixedDrafter:
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def propose(self, request_id: str, tokens: TokenHistory, k: int) -> list[int]:
+        self.asked.append(k)
+        return [9] * k
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+def test_drafts_take_only_the_room_left_and_the_step_limit() -> None:
+    drafter = FixedDrafter()
+    speculator = Speculator(max_tokens=8, step_token_limit=20, drafter=drafter)
+    drafts = speculator.propose(rows(4), token_room=100)
+    assert sum(map(len, drafts.values())) == 20 - 4  # the step holds 20 tokens: 4 rows' own, 16 drafts
+    drafts = speculator.propose(rows(4), token_room=5)
+    assert sum(map(len, drafts.values())) == 5
+    # Never past the request's remaining tokens (the last one is always the model's own), nor past a sliding
+    # window's first pass (a rejected draft would overwrite an entry the window still needs).
+    assert Speculator(max_tokens=8, step_token_limit=64, drafter=drafter).propose(rows(1, left=3), 100) == {
+        "r0": [9, 9]
+    }
+    windowed = Speculator(max_tokens=8, step_token_limit=64, sliding_window=44, drafter=drafter)
+    assert windowed.propose(rows(1, position=40), 100) == {"r0": [9, 9, 9]}
+    assert windowed.propose(rows(1, position=43), 100) == {}
+
+
+def test_k_adapts_to_what_was_kept_and_backs_off_after_failures() -> None:
+    drafter = FixedDrafter()
+    speculator = Speculator(max_tokens=8, step_token_limit=64, drafter=drafter)
+    kept: dict[str, int] = {}
+    speculator.attach(list, lambda: kept)
+
+    def step(keep: int | None) -> int:
+        """One step: the drafts' length (0: none), then the model keeps ``keep`` of them."""
+        drafts = speculator.propose(rows(1), 100)
+        speculator.scheduled(drafts)
+        length = len(drafts.get("r0", []))
+        kept.clear()
+        if length:
+            kept["r0"] = length if keep is None else keep
+            speculator.accepted()
+        return length
+
+    assert step(None) == 8  # starts at the most, all kept
+    assert step(2) == 8
+    assert step(None) == 3  # what was kept, plus one; then grows by 2
+    assert step(None) == 5
+    # No draft kept: one token next time, after a pause that doubles with each failure (1, 2, 4 ... 16 steps).
+    assert step(0) == 7
+    assert step(0) == 0
+    assert step(0) == 1
+    assert [step(0) for _ in range(3)] == [0, 0, 1]
+    assert [step(0) for _ in range(5)] == [0, 0, 0, 0, 1]
+    stats = speculator.snapshot()
+    assert stats.drafted == 8 + 8 + 3 + 5 + 7 + 1 + 1 + 1
+    assert stats.accepted == 8 + 2 + 3 + 5
+    assert stats.verified_steps == 8
+
+
+# ---- exact: the output is the one without speculation ----
+
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "greedy": {},
+    "penalties": {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.4},
+    "bans": {"no_repeat_ngram_size": 2, "bad_words_ids": [[5, 6], [7]], "suppress_tokens": [11]},
+    "min-length-and-bias": {"min_new_tokens": 30, "logit_bias": {12: 3.0, 0: -2.0}},
+    "decay": {"exponential_decay_length_penalty": (10, 1.2)},
+    "logprobs": {"logprobs": 3},
+    "sampled": {"do_sample": True, "seed": 11, "temperature": 0.9, "top_k": 40, "top_p": 0.95},
+    "sampled-everything": {
+        "do_sample": True,
+        "seed": 3,
+        "min_p": 0.01,
+        "typical_p": 0.9,
+        "repetition_penalty": 1.1,
+        "no_repeat_ngram_size": 3,
+        "logprobs": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("acceptance", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("name", list(PARAMETERS))
+def test_output_is_the_same_with_speculation(model: Any, name: str, acceptance: float) -> None:
+    params = PARAMETERS[name]
+    expected = reference(model, PROMPTS, **params)
+    got, stats = speculating(model, PROMPTS, expected, acceptance, **params)
+    for prompt, want, have in zip(PROMPTS, expected, got):
+        assert have.same_as(want), f"{name} at acceptance {acceptance}: {prompt}\n{want.tokens}\n{have.tokens}"
+    assert stats.drafted > 0
+    if acceptance == 1.0:  # but a drafted end token: it ends the request as the model's own pick, not as a draft
+        assert stats.drafted - len(PROMPTS) <= stats.accepted <= stats.drafted
+    elif acceptance == 0.0:
+        assert stats.accepted == 0
+    else:
+        assert 0 < stats.accepted < stats.drafted
+
+
+def test_a_stream_gets_several_tokens_at_once_each_with_its_logprob(model: Any) -> None:
+    expected = reference(model, PROMPTS[:1], logprobs=2)
+    got, stats = speculating(model, PROMPTS[:1], expected, 1.0, logprobs=2)
+    (outcome,) = got
+    assert max(len(event.token_ids) for event in outcome.events) > 1
+    for event in outcome.events:
+        assert [entry.token_id for entry in event.logprobs] == list(event.token_ids)
+    assert outcome.same_as(expected[0])
+
+
+def test_a_cancelled_request_stops_and_the_batch_goes_on(model: Any) -> None:
+    expected = reference(model, PROMPTS)
+    drafter = OracleDrafter([[*p, *o.tokens] for p, o in zip(PROMPTS, expected)], 1.0, model.config.vocab_size)
+    batch = worker(model, 6, drafter)
+    try:
+        (cancelled,) = run(batch, PROMPTS[:1], cancel_after=3)
+        assert cancelled.done is not None and cancelled.done.reason is FinishReason.CANCELLED
+        assert cancelled.tokens == expected[0].tokens[: len(cancelled.tokens)]
+        again = run(batch, PROMPTS, quiet=True)
+    finally:
+        batch.shutdown()
+    assert [outcome.tokens for outcome in again] == [outcome.tokens for outcome in expected]
+
+
+def test_pages_completed_by_kept_drafts_are_shared_with_the_right_content(model: Any) -> None:
+    """Prefix sharing hashes the pages a step completes: with drafts, only the kept tokens' pages. A later request
+    whose prompt is an earlier one's prompt and output reuses those pages and must decode as with its own."""
+    prompt = PROMPTS[0]
+    first = reference(model, [prompt], max_new_tokens=60)[0]
+    follow_up = [*prompt, *first.tokens[:45]]
+    alone = reference(model, [follow_up], max_new_tokens=20)[0]
+    drafter = OracleDrafter([[*prompt, *first.tokens]], 0.5, model.config.vocab_size)
+    batch = worker(model, 6, drafter)
+    try:
+        (drafted,) = run(batch, [prompt], max_new_tokens=60)
+        (shared,) = run(batch, [follow_up], max_new_tokens=20)
+    finally:
+        batch.shutdown()
+    assert drafted.tokens == first.tokens
+    assert shared.tokens == alone.tokens
+
+
+def test_a_sliding_window_model_stops_drafting_at_its_window(tiny_starcoder2_dir: Path) -> None:
+    """StarCoder2's sliding window (512 tokens on the tiny one) is a ring buffer: past it a rejected draft would
+    overwrite an entry still in the window, so drafting stops there, and the output stays exact."""
+    model = load(tiny_starcoder2_dir)
+    window = model.config.sliding_window
+    prompt = [(i * 7) % 500 + 40 for i in range(window - 30)]
+    expected = reference(model, [prompt], max_new_tokens=60)
+    for acceptance in (1.0, 0.0):
+        got, stats = speculating(model, [prompt], expected, acceptance, max_new_tokens=60)
+        assert got[0].tokens == expected[0].tokens
+        assert 0 < stats.drafted < 60
+
+
+# ---- sampled rows: speculative sampling with a point-mass draft ----
+
+
+def test_a_draft_is_kept_with_its_probability_and_otherwise_the_rest_is_sampled() -> None:
+    """Over many seeds, a draft ``t`` at the first position is kept with probability p(t), where p is the row's
+    distribution after every processor and warper; when it is not, the token emitted follows p without t,
+    renormalised; so every emitted token follows p."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(VOCAB, generator=generator) * 1.5
+    temperature, top_k = 0.8, 12
+    warped = logits / temperature
+    kth = warped.topk(top_k).values[-1]
+    p = torch.where(warped >= kth, warped, torch.tensor(float("-inf"))).softmax(dim=-1)
+    draft = int(p.argsort(descending=True)[1])  # a likely token, not the likeliest
+    batch = sampler(max_requests=4)
+    samples = 3000
+    kept = 0
+    emitted = torch.zeros(VOCAB)
+    emitted_when_rejected = torch.zeros(VOCAB)
+    for seed in range(samples):
+        row = Row(f"r{seed}", make_plan([1, 2], do_sample=True, temperature=temperature, top_k=top_k, seed=seed))
+        row.state.generated_tokens.append(3)
+        batch.step_drafts = lambda row=row: {row.state.request_id: [draft, 5]}
+        args = batch.prepare_tensor_args([row.request])
+        # The usual row (position 2), then positions 0 and 1: the draft is checked against position 0's logits.
+        scores = torch.stack([torch.zeros(VOCAB), logits, torch.zeros(VOCAB)])
+        out = batch(scores, args)
+        accepted = batch.accepted_counts()[row.state.request_id]
+        first = draft if accepted >= 1 else int(out[0].argmax())
+        kept += accepted >= 1
+        emitted[first] += 1
+        if accepted == 0:
+            emitted_when_rejected[first] += 1
+        batch.release(row.state.request_id)
+    rate = kept / samples
+    sigma = math.sqrt(float(p[draft]) * (1 - float(p[draft])) / samples)
+    assert abs(rate - float(p[draft])) < 4 * sigma, (rate, float(p[draft]))
+    assert chi_square(emitted, p * samples) < critical(int((p > 0).sum()) - 1)
+    rest = p.clone()
+    rest[draft] = 0.0
+    rest /= rest.sum()
+    rejected = emitted_when_rejected.sum()
+    assert emitted_when_rejected[draft] == 0
+    assert chi_square(emitted_when_rejected, rest * rejected) < critical(int((rest > 0).sum()) - 1)
+
+
+def chi_square(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    mask = expected > 0
+    assert float(counts[~mask].sum()) == 0.0, "a token of probability 0 was emitted"
+    return float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
+
+
+def critical(degrees: int) -> float:
+    """The chi-square statistic's 0.999 quantile (Wilson-Hilferty): a false failure once in a thousand runs at most
+    (the seeds are fixed, so a run is deterministic)."""
+    z = 3.09
+    return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
+
