@@ -3,6 +3,7 @@
     make bench                                             # local: batched server vs seed server, tiny model on CPU
     make bench BENCH_ARGS="--base-url https://model-xxxx.api.baseten.co/environments/production --api-key KEY"
     make bench BENCH_ARGS="--gpu"                          # StarCoder-15.5B-shaped random weights on a CUDA GPU
+    make bench BENCH_ARGS="--speculation"                  # speculative decoding on code workloads (bench/speculation.py)
     make bench-peer                                        # ours vs transformers serve vs seed (bench/compare.py)
 
 Locally it starts two servers, both running at once on two ports but only one ever under load (an idle
@@ -295,11 +296,16 @@ def run_remote(args: argparse.Namespace, levels: list[int]) -> tuple[Runs, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--speculation" in argv:  # its own options: python -m bench.speculation --help
+        from bench import speculation
+
+        return speculation.main([arg for arg in argv if arg != "--speculation"])
     args = parse_args(argv)
     if args.gpu:
         from bench import gpu
 
-        return gpu.main(sys.argv[1:] if argv is None else argv)
+        return gpu.main(argv)
     if args.compare:
         return compare.main(args)
     levels = sorted(set(args.levels)) if args.levels else concurrency_levels(args.max_concurrency)

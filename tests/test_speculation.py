@@ -17,7 +17,7 @@ import numpy
 import pytest
 import torch
 from starcoder_serving.engine.batch_worker import BatchedWorker
-from starcoder_serving.engine.drafting import Drafter, NgramDrafter, OracleDrafter, TokenHistory, lookup
+from starcoder_serving.engine.drafting import Drafter, NgramDrafter, OracleDrafter, TokenHistory
 from starcoder_serving.engine.jobs import GenerationPlan, Job
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.engine.speculation import Speculator
@@ -141,24 +141,47 @@ def speculating(
 # ---- drafting ----
 
 
-def test_lookup_drafts_what_followed_the_latest_longest_match() -> None:
-    tokens = numpy.array([1, 2, 3, 4, 5, 9, 1, 2, 7, 8, 0, 1, 2])
+def drafts(tokens: list[int], k: int, grown: list[int] | None = None) -> list[int]:
+    history = TokenHistory(tokens)
+    if grown is not None:  # the index built for ``tokens``, then extended token by token
+        history.lookup(1)
+        for token in grown:
+            history.extend([token])
+            history.lookup(1)
+    return NgramDrafter().propose("r", history, k)
+
+
+@pytest.mark.parametrize("grow", [False, True], ids=["built-at-once", "grown"])
+def test_lookup_drafts_what_followed_the_latest_longest_match(grow: bool) -> None:
+    def check(tokens: list[int], k: int, expected: list[int]) -> None:
+        split = 3 if grow and len(tokens) > 3 else len(tokens)
+        assert drafts(tokens[:split], k, tokens[split:] if grow else None) == expected, tokens
+
     # [1, 2] occurs at 0 and 6: the latest (6) wins, and what followed it is drafted.
-    assert lookup(tokens, 3) == [7, 8, 0]
-    # A longer match beats a later, shorter one: [0, 1, 2] occurred only at 10..12 itself, [1, 2] earlier.
-    tokens = numpy.array([4, 1, 2, 3, 6, 1, 2, 5, 4, 1, 2])
-    assert lookup(tokens, 2) == [3, 6]
-    assert lookup(numpy.array([1, 2, 3, 4]), 3) == []  # no earlier occurrence
-    assert lookup(numpy.array([7, 7, 7, 7]), 5) == [7]  # what follows runs into the sequence's own end
-    assert lookup(numpy.array([1, 2, 1, 2]), 0) == []
+    check([1, 2, 3, 4, 5, 9, 1, 2, 7, 8, 0, 1, 2], 3, [7, 8, 0])
+    # A longer match beats a later, shorter one: [4, 1, 2] occurred at 0..2, [1, 2] later at 5..6.
+    check([4, 1, 2, 3, 6, 1, 2, 5, 4, 1, 2], 2, [3, 6])
+    check([1, 2, 3, 4], 3, [])  # no earlier occurrence
+    check([7, 7, 7, 7], 5, [7])  # what follows runs into the sequence's own end
+    check([1, 2, 1, 2], 0, [])
+    check([3], 2, [])
 
 
-def test_token_history_grows_without_losing_tokens() -> None:
-    history = TokenHistory([1, 2, 3], capacity=4)
-    history.extend([4, 5])
-    history.extend(list(range(6, 40)))
-    assert history.tokens.tolist() == list(range(1, 40))
-    assert NgramDrafter().propose("r", history, 4) == []
+def test_token_history_matches_a_brute_force_search() -> None:
+    """On random sequences of a small alphabet, token by token: the lookup is the latest longest earlier match."""
+    generator = numpy.random.default_rng(3)
+    tokens = generator.integers(0, 6, size=300).tolist()
+    history = TokenHistory(tokens[:5])
+    for end in range(5, len(tokens)):
+        seen = tokens[:end]
+        expected: list[int] = []
+        for n in (4, 3, 2):
+            starts = [i for i in range(len(seen) - n) if seen[i : i + n] == seen[-n:]]
+            if starts:
+                expected = seen[starts[-1] + n : starts[-1] + n + 3]
+                break
+        assert history.lookup(3) == expected, end
+        history.extend([tokens[end]])
 
 
 # ---- the policy ----
@@ -201,7 +224,7 @@ def test_k_adapts_to_what_was_kept_and_backs_off_after_failures() -> None:
     drafter = FixedDrafter()
     speculator = Speculator(max_tokens=8, step_token_limit=64, drafter=drafter)
     kept: dict[str, int] = {}
-    speculator.attach(list, lambda: kept)
+    speculator.attach(list, lambda picks: kept)
 
     def step(keep: int | None) -> int:
         """One step: the drafts' length (0: none), then the model keeps ``keep`` of them."""
@@ -211,7 +234,7 @@ def test_k_adapts_to_what_was_kept_and_backs_off_after_failures() -> None:
         kept.clear()
         if length:
             kept["r0"] = length if keep is None else keep
-            speculator.accepted()
+            speculator.verified([])
         return length
 
     assert step(None) == 8  # starts at the most, all kept
@@ -350,9 +373,9 @@ def test_a_draft_is_kept_with_its_probability_and_otherwise_the_rest_is_sampled(
         args = batch.prepare_tensor_args([row.request])
         # The usual row (position 2), then positions 0 and 1: the draft is checked against position 0's logits.
         scores = torch.stack([torch.zeros(VOCAB), logits, torch.zeros(VOCAB)])
-        out = batch(scores, args)
-        accepted = batch.accepted_counts()[row.state.request_id]
-        first = draft if accepted >= 1 else int(out[0].argmax())
+        picks = batch(scores, args).argmax(dim=-1).tolist()  # the manager's argmax of every row
+        accepted = batch.verify(picks)[row.state.request_id]
+        first = draft if accepted >= 1 else picks[1]  # position 0's pick is row 1's
         kept += accepted >= 1
         emitted[first] += 1
         if accepted == 0:

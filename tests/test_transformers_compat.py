@@ -415,6 +415,7 @@ class _DraftHooks:
         self.vocab_size = vocab_size
         self.step: dict[str, list[int]] = {}
         self.proposed: list[tuple[int, int, int]] = []  # (generated so far, position in the cache, room)
+        self.picks: list[list[int]] = []
 
     def propose(self, rows: list[compat.DecodingRow], token_room: int) -> dict[str, list[int]]:
         (row,) = rows
@@ -431,13 +432,13 @@ class _DraftHooks:
     def extra_rows(self) -> list[tuple[str, int]]:
         return [(request_id, len(tokens)) for request_id, tokens in self.step.items()]
 
-    def accepted(self) -> dict[str, int]:
+    def verified(self, picks: list[int]) -> dict[str, int]:
+        self.picks.append(picks)
         return {request_id: 0 if self.wrong else len(tokens) for request_id, tokens in self.step.items()}
 
 
 class _RowsProcessor(compat.ContinuousBatchingLogitsProcessor):
-    """Records the rows of each step; with wrong drafts, puts the first draft row (the prediction after the
-    request's last token) in the request's usual row, as BatchSampler does when no draft is kept."""
+    """Records the rows of each step, and leaves them as they are (the manager's argmax picks each row's token)."""
 
     supported_kwargs: ClassVar[dict[str, type]] = {"plan": GenerationPlan}
     ignored_kwargs: tuple[str, ...] = ()
@@ -455,17 +456,14 @@ class _RowsProcessor(compat.ContinuousBatchingLogitsProcessor):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         self.rows.append(scores.clone())
-        if self.hooks.wrong and scores.size(0) > 1:
-            scores = scores.clone()
-            scores[0] = scores[1]
         return scores
 
 
 @pytest.mark.parametrize("wrong", [False, True], ids=["drafts-kept", "drafts-rejected"])
 def test_install_step_hooks(model: Any, wrong: bool) -> None:
-    """A decoding request fed drafts gets logits at every draft position (the model's own predictions there),
-    keeps the drafts the hooks accept, and its cache is rolled back past the others: the output is the plain
-    greedy one whether every draft is kept or every one rejected."""
+    """A decoding request fed drafts gets logits at every draft position (the model's own predictions there, whose
+    picks the hooks see), keeps the drafts the hooks accept and then the pick after them, and its cache is rolled
+    back past the others: the output is the plain greedy one whether every draft is kept or every one rejected."""
     prompt = [5, 9, 17, 3, 44, 2, 8]
     plain = build_manager(model)
     plain.start()
@@ -491,6 +489,7 @@ def test_install_step_hooks(model: Any, wrong: bool) -> None:
     assert output.generated_tokens == expected, broken("a request fed drafts no longer decodes as it would alone")
     drafted = [rows for rows in processor.rows if rows.size(0) > 1]
     assert drafted, broken("no step fed drafts: the scheduler hook is not called")
+    assert [len(picks) for picks in hooks.picks] == [rows.size(0) for rows in drafted], "the hooks saw other picks"
     assert hooks.proposed[0][2] > 0, "the first decoding step had no room for drafts"
     if not wrong:
         # Each extra row is the prediction after one more draft: its argmax is the draft that follows.

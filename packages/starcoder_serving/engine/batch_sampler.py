@@ -45,7 +45,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy
 import torch
@@ -195,8 +195,7 @@ _HISTORY = (1 << _FEATURE_NAMES.index("repetition")) | (1 << _FEATURE_NAMES.inde
 _NOTHING = _Features.from_bits(0)  # the one instance a step of plain greedy rows gets
 
 
-@dataclasses.dataclass(frozen=True)
-class _DraftLayout:
+class _DraftLayout(NamedTuple):
     """The rows of a step where some requests feed drafts (``speculation.py``), built on the host before it.
 
     ``order[r]`` lists request r's rows by position (0..k: after its last token, then after each draft), padded
@@ -205,9 +204,9 @@ class _DraftLayout:
 
     requests: list[tuple[str, int]]  # (request id, drafts), in the order of their rows after the usual ones
     host_order: list[list[int]]
+    host_drafts: list[list[int]]
     row_slots: list[int]
     usual_rows: int
-    main_rows: torch.Tensor
     order: torch.Tensor
     drafts: torch.Tensor
     row_position: torch.Tensor
@@ -351,7 +350,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._arange = torch.arange(logits_width, device=device)
         self._all_rows = torch.arange(slots, device=device)
         self._no_limit = torch.tensor([2**62], dtype=torch.long, device=device)
-        self._accepted = torch.zeros(0, dtype=torch.long, device=device)
+        self._eos_set = frozenset(int(token) for token in eos_token_ids)
 
     # ---- the host side: slots and their state (the batch thread, before each forward) ----
 
@@ -404,7 +403,6 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         row_position = [0] * usual
         row_request = [0] * usual
         requests: list[tuple[str, int]] = []
-        main_rows: list[int] = []
         order: list[list[int]] = []
         draft_rows: list[list[int]] = []
         history: tuple[list[int], list[int]] = ([], [])
@@ -419,7 +417,6 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
             first = len(row_slots)
             rows = [*range(first, first + k), i]
             requests.append((state.request_id, k))
-            main_rows.append(i)
             order.append(rows + [i] * (width - k))
             draft_rows.append(tokens + [-1] * (width - k))
             row_slots.extend([slot] * k)
@@ -436,28 +433,40 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
                 extra_bans.extend(
                     (row, self._bans_for(plan, state, tokens[:position])) for position, row in enumerate(rows[:-1])
                 )
-        device = self._device
-
-        def tensor(values: list[Any]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device)
-
+        # Every integer vector in one host-to-device copy (one per step on a GPU, not one per vector).
+        requests_count, rows_count = len(requests), len(row_slots)
+        history_count = len(history[0])
+        packed = torch.tensor(
+            [
+                *(row for rows in order for row in rows),
+                *(token for tokens in draft_rows for token in tokens),
+                *row_position,
+                *row_request,
+                *history[0],
+                *history[1],
+            ],
+            dtype=torch.long,
+        ).to(self._device)
+        sizes = [requests_count * (width + 1), requests_count * width, rows_count, rows_count]
+        sizes += [history_count, history_count]
+        order_t, drafts_t, position_t, request_t, history_rows, history_tokens = packed.split(sizes)
         bans = None
         if extra_bans:
-            bans = torch.zeros((len(row_slots) - usual, self.logits_width), dtype=torch.bool)
+            bans = torch.zeros((rows_count - usual, self.logits_width), dtype=torch.bool)
             for row, banned in extra_bans:
                 bans[row - usual, banned] = True
-            bans = bans.to(device)
+            bans = bans.to(self._device)
         return _DraftLayout(
             requests=requests,
             host_order=order,
+            host_drafts=[drafts[request_id] for request_id, _ in requests],
             row_slots=row_slots,
             usual_rows=usual,
-            main_rows=tensor(main_rows),
-            order=tensor(order),
-            drafts=tensor(draft_rows),
-            row_position=tensor(row_position),
-            row_request=tensor(row_request),
-            history=(tensor(history[0]), tensor(history[1])) if history[0] else None,
+            order=order_t.view(requests_count, width + 1),
+            drafts=drafts_t.view(requests_count, width),
+            row_position=position_t,
+            row_request=request_t,
+            history=(history_rows, history_tokens) if history_count else None,
             extra_bans=bans,
         )
 
@@ -473,13 +482,22 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         """(request id, drafts) in the order of the step's draft rows (``install_step_hooks``)."""
         return [] if self._layout is None else self._layout.requests
 
-    def accepted_counts(self) -> dict[str, int]:
-        """How many drafts each request kept in the latest step (one host copy for all of them)."""
+    def verify(self, picks: Sequence[int]) -> dict[str, int]:
+        """After a step with drafts, from every logits row's pick (the manager's argmax, row by row): how many drafts
+        each request keeps, the run of drafts equal to the pick before them, stopping at an end token (the end is
+        then the request's own pick, not a kept draft). The device applies the same rule to the history."""
         layout = self._layout
         if layout is None:
             return {}
-        self._accepted_host = self._accepted.tolist()
-        return {request_id: kept for (request_id, _), kept in zip(layout.requests, self._accepted_host)}
+        eos = self._eos_set
+        counts = []
+        for (_, k), rows, drafts in zip(layout.requests, layout.host_order, layout.host_drafts):
+            kept = 0
+            while kept < k and picks[rows[kept]] == drafts[kept] and drafts[kept] not in eos:
+                kept += 1
+            counts.append(kept)
+        self._accepted_host = counts
+        return {request_id: kept for (request_id, _), kept in zip(layout.requests, counts)}
 
     def rows_of(self, request_id: str) -> list[int]:
         """The latest step's logprob rows of a request that asked for them, one per token it produced, in order."""
@@ -619,7 +637,8 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         layout = self._layout
         if self._features is _NOTHING:
             # Every row decodes plainly greedy: the manager's argmax of the model's logits is generate()'s choice.
-            return scores if layout is None else self._verify(scores, tensor_arg[: scores.size(0)].long(), layout)
+            # With drafts too: every row's pick is its argmax, and ``verify`` keeps what agrees on the host.
+            return scores
         f = self._features
         slots = tensor_arg[: scores.size(0)].long()
         history = None if layout is None else layout.history
@@ -668,7 +687,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if f.sampled:
             final = torch.where(greedy, x, x + gumbel_noise(self._seed[slots], steps, self._token_mix))
         if layout is not None:
-            return self._verify(final, slots, layout, raw=raw, raw_cleaned=raw_cleaned, dead=dead)
+            return self._history_of_kept_rows(final, slots, layout, raw, raw_cleaned, dead)
         self._faulted.index_put_((slots,), dead, accumulate=True)  # bool accumulate: or
         self._steps.index_add_(0, slots, torch.ones_like(slots))
         if f.needs_choice:
@@ -681,42 +700,36 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
                 self._counts.index_put_((slots, chosen), torch.ones_like(chosen, dtype=torch.float32), accumulate=True)
         return final
 
-    def _verify(
+    def _history_of_kept_rows(
         self,
         final: torch.Tensor,
         slots: torch.Tensor,
         layout: _DraftLayout,
-        *,
-        raw: torch.Tensor | None = None,
-        raw_cleaned: bool = False,
-        dead: torch.Tensor | None = None,
+        raw: torch.Tensor,
+        raw_cleaned: bool,
+        dead: torch.Tensor,
     ) -> torch.Tensor:
-        """Speculation's check, on the device: each row's pick (what the manager's argmax of ``final`` takes, as it
-        would without speculation), the run of drafts equal to the picks before them (stopping at an end token),
-        and the request's usual row given the pick after that run. History (step counts, penalties' counts, faults,
-        logprobs) moves by the kept positions only."""
+        """A step with drafts, on the device: each row's pick (the manager's argmax of ``final``), how many drafts
+        each request keeps (the run of drafts equal to the picks before them, up to an end token: the same rule as
+        ``verify`` on the host), and the history (step counts, penalties' counts, faults) moved by the kept
+        positions only. The rows go back as they are: the manager picks every row's token, ``verify`` chooses."""
         chosen = final.argmax(dim=-1)
-        picks = chosen[layout.order]  # [requests, width + 1]: the pick at each position
-        width = layout.drafts.size(1)
-        agree = (picks[:, :width] == layout.drafts) & ~torch.isin(picks[:, :width], self._eos)
-        accepted = agree.long().cumprod(dim=-1).sum(dim=-1)
-        self._accepted = accepted
-        # A row is kept when its position is at most its request's accepted count (rows of other requests: always).
-        limit = torch.cat([self._no_limit, accepted])[layout.row_request]
-        kept = layout.row_position <= limit
+        picks = chosen[layout.order[:, :-1]]  # [requests, width]: the pick at each draft's position
+        agree = picks == layout.drafts
+        agree &= picks != self._eos[0] if self._eos.numel() == 1 else ~torch.isin(picks, self._eos)
+        accepted = agree.cumprod(dim=-1).sum(dim=-1)
+        # A row is kept when its position is at most its request's accepted count (other requests': always).
+        kept = layout.row_position <= torch.cat([self._no_limit, accepted])[layout.row_request]
         f = self._features
-        if f is not _NOTHING:
-            assert dead is not None and raw is not None
-            self._faulted.index_put_((slots,), dead & kept, accumulate=True)
-            self._steps.index_add_(0, slots, kept.long())
-            if f.logprobs:
-                self._record_logprobs(raw, chosen, cleaned=raw_cleaned)
-            if f.repetition:
-                self._occurs.index_put_((slots, chosen), kept, accumulate=True)
-            if f.additive:
-                self._counts.index_put_((slots, chosen), kept.float(), accumulate=True)
-        last = layout.order.gather(1, accepted.unsqueeze(1)).squeeze(1)
-        return final.index_copy(0, layout.main_rows, final.index_select(0, last))
+        self._faulted.index_put_((slots,), dead & kept, accumulate=True)
+        self._steps.index_add_(0, slots, kept.long())
+        if f.logprobs:
+            self._record_logprobs(raw, chosen, cleaned=raw_cleaned)
+        if f.repetition:
+            self._occurs.index_put_((slots, chosen), kept, accumulate=True)
+        if f.additive:
+            self._counts.index_put_((slots, chosen), kept.float(), accumulate=True)
+        return final
 
     def _decay(self, x: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """transformers' ExponentialDecayLengthPenalty: after ``start`` new tokens, raise the end tokens'

@@ -134,6 +134,7 @@ class BatchedWorker:
         speculative_tokens: int = 0,
         speculative_step_tokens: int = 64,
         drafter: Drafter | None = None,
+        adaptive_speculation: bool = True,
     ) -> None:
         # Requests end at any of these (StarCoder2's <file_sep> too), as on the generate() path.
         self._eos_token_ids = sorted(eos_token_ids)
@@ -192,8 +193,9 @@ class BatchedWorker:
                 step_token_limit=speculative_step_tokens,
                 sliding_window=sliding_window if isinstance(sliding_window, int) and sliding_window > 0 else None,
                 drafter=drafter,
+                adaptive=adaptive_speculation,
             )
-            self.speculator.attach(self.sampler.draft_rows, self.sampler.accepted_counts)
+            self.speculator.attach(self.sampler.draft_rows, self.sampler.verify)
             speculator = self.speculator
             self.sampler.step_drafts = lambda: speculator.step_drafts
             compat.install_step_hooks(self._manager, self.speculator)

@@ -4,7 +4,7 @@ Code repeats itself: an edit rewrites the function in the prompt, a completion r
 it. The drafter matches the last ``n`` tokens of a request's sequence (prompt and output) against an earlier
 place in the same sequence and proposes the tokens that followed there; the model then checks them all in one
 forward pass (``speculation.py``). Nothing is learnt and no second model runs: a draft costs a few
-microseconds of numpy on the batch thread.
+dictionary lookups on the batch thread.
 
 The most recent earlier occurrence wins (the nearest context is the likeliest to be repeated, and when the
 model loops, the loop itself), and longer matches are tried before shorter ones.
@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy
 
 # Longest and shortest suffix matched. A single token matches almost anywhere in code (indentation, brackets)
 # and would mostly draft noise; two tokens already pin a place down.
@@ -32,66 +31,59 @@ class Drafter(Protocol):
 
 
 class TokenHistory:
-    """A request's tokens (prompt, then output) in a growing numpy array: appended to, never copied whole per step."""
+    """A request's tokens (prompt, then output) and where each of their n-grams last ended, for O(1) lookups.
 
-    __slots__ = ("_array", "length")
+    The index covers the n-grams ending before the last token: the n-gram ending *at* the last token is the one
+    looked up. It is built once from the prompt (``dict(zip(...))``: about 1 ms per n-gram size for 8,000 tokens)
+    and grows by a few dictionary entries per generated token, so a step's lookup costs microseconds whatever the
+    prompt's length."""
 
-    def __init__(self, prompt: Sequence[int], capacity: int) -> None:
-        self._array = numpy.empty(max(capacity, len(prompt) + 1), dtype=numpy.int64)
-        self._array[: len(prompt)] = prompt
-        self.length = len(prompt)
+    __slots__ = ("_indexed", "_last_end", "max_ngram", "min_ngram", "tokens")
+
+    def __init__(self, prompt: Sequence[int], max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> None:
+        self.tokens: list[int] = list(prompt)
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self._last_end: dict[int, dict[tuple[int, ...], int]] = {}
+        self._indexed = 0  # n-grams ending before this position are indexed
 
     def extend(self, tokens: Sequence[int]) -> None:
-        end = self.length + len(tokens)
-        if end > len(self._array):
-            grown = numpy.empty(max(end, 2 * len(self._array)), dtype=numpy.int64)
-            grown[: self.length] = self._array[: self.length]
-            self._array = grown
-        self._array[self.length : end] = tokens
-        self.length = end
+        self.tokens.extend(tokens)
 
-    @property
-    def tokens(self) -> numpy.ndarray:
-        return self._array[: self.length]
+    def _index(self) -> None:
+        tokens, end = self.tokens, len(self.tokens) - 1
+        if end <= self._indexed:
+            return
+        if not self._last_end:  # the prompt, in bulk: later occurrences overwrite earlier ones
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                grams = zip(*(tokens[i : end + i + 1 - n] for i in range(n)))
+                self._last_end[n] = dict(zip(grams, range(n - 1, end)))
+        else:
+            for position in range(self._indexed, end):
+                for n, last_end in self._last_end.items():
+                    if position + 1 >= n:
+                        last_end[tuple(tokens[position + 1 - n : position + 1])] = position
+        self._indexed = end
 
-
-def lookup(tokens: numpy.ndarray, k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the sequence's last n tokens (the longest n
-    from ``max_ngram`` down to ``min_ngram`` that occurs earlier), or [] when none does."""
-    length = len(tokens)
-    if k <= 0 or length < min_ngram + 1:
+    def lookup(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the sequence's last n tokens (the longest
+        n from ``max_ngram`` down to ``min_ngram`` that occurs earlier), or [] when none does."""
+        if k <= 0 or len(self.tokens) <= self.min_ngram:
+            return []
+        self._index()
+        tokens = self.tokens
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            end = self._last_end[n].get(tuple(tokens[-n:]))
+            if end is not None:
+                return tokens[end + 1 : end + 1 + k]
         return []
-    last = tokens[-1]
-    # Candidate ends: earlier places holding the last token (never the sequence's own end).
-    ends = numpy.flatnonzero(tokens[: length - 1] == last)
-    if ends.size == 0:
-        return []
-    matched = numpy.ones(ends.size, dtype=bool)
-    best: numpy.ndarray | None = None
-    for n in range(2, max_ngram + 1):
-        back = ends - (n - 1)
-        ok = back >= 0
-        matched &= ok
-        matched[ok] &= tokens[back[ok]] == tokens[length - n]
-        if not matched.any():
-            break
-        if n >= min_ngram:
-            best = ends[matched]
-    if best is None:
-        return []
-    start = int(best[-1]) + 1  # the most recent match
-    return tokens[start : min(start + k, length)].tolist()
 
 
 class NgramDrafter:
-    """Prompt-lookup drafting over each request's own sequence."""
-
-    def __init__(self, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> None:
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
+    """Prompt-lookup drafting over each request's own sequence (``TokenHistory.lookup``)."""
 
     def propose(self, request_id: str, tokens: TokenHistory, k: int) -> list[int]:
-        return lookup(tokens.tokens, k, self.max_ngram, self.min_ngram)
+        return tokens.lookup(k)
 
     def forget(self, request_id: str) -> None:
         pass
@@ -103,18 +95,22 @@ class OracleDrafter:
     a benchmark can set the acceptance rate (0: every draft wrong, the cost of checking; 1: every draft right)."""
 
     def __init__(self, references: Sequence[Sequence[int]], acceptance: float, vocab_size: int) -> None:
-        self._references = [numpy.asarray(reference, dtype=numpy.int64) for reference in references]
+        self._references = [list(reference) for reference in references]
         self.acceptance = acceptance
         self._vocab_size = vocab_size
+        self._found: dict[str, list[int]] = {}  # request id -> its reference, found at its first draft
 
     def propose(self, request_id: str, tokens: TokenHistory, k: int) -> list[int]:
         seen = tokens.tokens
-        for reference in self._references:
-            if len(reference) > len(seen) and numpy.array_equal(reference[: len(seen)], seen):
-                following = reference[len(seen) : len(seen) + k].tolist()
-                right = round(len(following) * self.acceptance)
-                return following[:right] + [(token + 1) % self._vocab_size for token in following[right:]]
-        return []
+        reference = self._found.get(request_id)
+        if reference is None:
+            reference = next((ref for ref in self._references if ref[: len(seen)] == seen), None)
+            if reference is None:
+                return []
+            self._found[request_id] = reference
+        following = reference[len(seen) : len(seen) + k]
+        right = round(len(following) * self.acceptance)
+        return following[:right] + [(token + 1) % self._vocab_size for token in following[right:]]
 
     def forget(self, request_id: str) -> None:
-        pass
+        self._found.pop(request_id, None)

@@ -57,8 +57,7 @@ class _Row:
     __slots__ = ("backoff", "failures", "history", "k", "prompt_length", "synced")
 
     def __init__(self, row: DecodingRow, k: int) -> None:
-        capacity = len(row.prompt) + len(row.generated) + row.tokens_left + 1
-        self.history = TokenHistory(row.prompt, capacity)
+        self.history = TokenHistory(row.prompt)
         self.prompt_length = len(row.prompt)
         self.synced = 0  # generated tokens already in history
         self.k = k
@@ -92,13 +91,15 @@ class Speculator:
         self.step_drafts: dict[str, list[int]] = {}
         self._rows: dict[str, _Row] = {}
         self._stats_lock = threading.Lock()
-        # Set by BatchedWorker: the sampler's layout of the step's draft rows and, after it, their acceptance.
+        # Set by BatchedWorker: the sampler's layout of the step's draft rows and, after it, its verdict on the picks.
         self.extra_rows: Callable[[], list[tuple[str, int]]] = list
-        self._read_accepted: Callable[[], dict[str, int]] = dict
+        self._verify: Callable[[list[int]], dict[str, int]] = lambda picks: {}
 
-    def attach(self, extra_rows: Callable[[], list[tuple[str, int]]], accepted: Callable[[], dict[str, int]]) -> None:
+    def attach(
+        self, extra_rows: Callable[[], list[tuple[str, int]]], verify: Callable[[list[int]], dict[str, int]]
+    ) -> None:
         self.extra_rows = extra_rows
-        self._read_accepted = accepted
+        self._verify = verify
 
     def propose(self, rows: list[DecodingRow], token_room: int) -> dict[str, list[int]]:
         room = min(token_room, self.step_token_limit - len(rows))
@@ -134,8 +135,8 @@ class Speculator:
     def scheduled(self, drafts: dict[str, list[int]]) -> None:
         self.step_drafts = drafts
 
-    def accepted(self) -> dict[str, int]:
-        kept = self._read_accepted()
+    def verified(self, picks: list[int]) -> dict[str, int]:
+        kept = self._verify(picks)
         drafted = accepted = 0
         for request_id, tokens in self.step_drafts.items():
             count = kept.get(request_id, 0)

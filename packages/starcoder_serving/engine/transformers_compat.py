@@ -9,9 +9,8 @@ so an upgrade that moves one of them fails loudly in CI instead of misbehaving i
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import transformers
@@ -187,9 +186,8 @@ def count_prefix_hits(listener: Any) -> None:
 # ---- speculative decoding: several tokens of one request in a step (engine/speculation.py) ----
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodingRow:
-    """A decoding request as the drafter sees it before a step is scheduled."""
+class DecodingRow(NamedTuple):
+    """A decoding request as the drafter sees it before a step is scheduled (built per request and step: a tuple)."""
 
     request_id: str
     prompt: list[int]  # the prompt (plus tokens generated before an offload, which transformers folds into it)
@@ -213,8 +211,9 @@ class StepHooks(Protocol):
         """(request id, drafts) in the order of the logits rows the sampler added after the step's usual rows."""
         ...
 
-    def accepted(self) -> dict[str, int]:
-        """After the step: how many of each request's drafts the model accepted."""
+    def verified(self, picks: list[int]) -> dict[str, int]:
+        """After the step, from every logits row's pick (the manager's argmax): how many of each request's drafts
+        are kept."""
         ...
 
 
@@ -228,10 +227,12 @@ def install_step_hooks(manager: Any, hooks: StepHooks) -> None:
     * ``scheduler.schedule_batch``: drafts are appended to ``tokens_to_process`` of decoding requests (a request
       fed several tokens is scheduled like a prefill chunk: cache pages are allocated for all of them);
     * ``inputs_and_outputs.prepare_batch_tensors``: logits are also taken at each draft's position, as rows after
-      the step's usual one-per-request rows (the sampler puts each request's chosen token in its usual row);
-    * ``inputs_and_outputs.get_model_kwargs``: those rows reach the forward and the logits processor;
-    * ``update_batch``: each request's accepted drafts are added to its output before the manager adds the
-      sampled token, and its length is rolled back past the rejected ones, whose cache entries the next step
+      the step's usual one-per-request rows;
+    * ``inputs_and_outputs.get_model_kwargs``: those rows reach the forward and the logits processor, and the
+      manager's argmax picks a token for each;
+    * ``inputs_and_outputs.prepare_batch_update`` (the start of ``update_batch``): the hooks say from the picks how
+      many drafts each request keeps; those are added to its output, its token for the manager to add is the pick
+      after them, and its length is rolled back past the rejected ones, whose cache entries the next step
       overwrites (its pages stay with it, reused at its next step, freed at its end).
     """
     create = manager._create_batch_processor
@@ -250,11 +251,14 @@ def _hook_processor(processor: Any, hooks: StepHooks) -> None:
     scheduler, io, cache = processor.scheduler, processor.inputs_and_outputs, processor.cache
     schedule_batch, prepare_batch_tensors = scheduler.schedule_batch, io.prepare_batch_tensors
     get_model_kwargs, update_batch = io.get_model_kwargs, processor.update_batch
+    prepare_batch_update = io.prepare_batch_update
     # The logits rows of one step: the usual ones (at most max_requests_per_batch) then the drafts' (at most the
     # step's tokens). ``io.logits_indices`` is the start of a row of the bulk input tensor, max_batch_tokens + 1 wide.
     bulk = io._bulk_input_tensor
     index_row = next(bulk[i] for i in range(bulk.size(0)) if bulk[i].data_ptr() == io.logits_indices.data_ptr())
-    step: dict[str, Any] = {"rows": 0, "drafts": {}}
+    # This step: its logits rows (0: no drafts), the drafts it feeds by request id, where each request's draft rows
+    # start, and whether update_batch is reading its outputs.
+    step: dict[str, Any] = {"rows": 0, "drafts": {}, "starts": {}, "updating": False}
 
     def schedule(token_budget: int, cache_budget: int) -> Any:
         rows, room = _decoding_rows(scheduler, token_budget, cache_budget)
@@ -294,7 +298,13 @@ def _hook_processor(processor: Any, hooks: StepHooks) -> None:
             return
         positions = io.req_id_to_new_token_position
         indices = [positions[request_id] - k + j for request_id, k in extra for j in range(k)]
-        usual = io.num_request_in_batch
+        # After the rows of the requests with a new token (those of requests mid-prefill, past them, are not read).
+        usual = len(positions)
+        starts, start = {}, usual
+        for request_id, k in extra:
+            starts[request_id] = start
+            start += k
+        step["starts"] = starts
         index_row[usual : usual + len(indices)] = torch.tensor(indices, dtype=index_row.dtype)
         step["rows"] = usual + len(indices)
 
@@ -305,30 +315,48 @@ def _hook_processor(processor: Any, hooks: StepHooks) -> None:
             kwargs["logits_processor_args"] = bulk[io.static_inputs :, : step["rows"]]
         return kwargs
 
+    def batch_update() -> Any:
+        requests, new_tokens, logprobs = prepare_batch_update()
+        rows, drafts = step["rows"], step["drafts"]
+        if not rows or not step["updating"]:  # also read to fail a batch (handle_batch_error): nothing to keep
+            return requests, new_tokens, logprobs
+        picks = io.output_ids[0, :rows].tolist()
+        kept_counts = hooks.verified(picks)
+        usual_row = {}  # request id -> its row among the step's usual ones (requests with a new token)
+        for future in requests:
+            if future.has_new_token:
+                usual_row[future.state.request_id] = len(usual_row)
+        for future in requests:
+            state = future.state
+            tokens = drafts.get(state.request_id)
+            if tokens is None:
+                continue
+            kept = kept_counts.get(state.request_id, 0)
+            row = usual_row[state.request_id]
+            new_tokens[row] = picks[row] if kept == len(tokens) else picks[step["starts"][state.request_id] + kept]
+            if state.status != RequestStatus.DECODING:
+                continue
+            past = state.position_offset - future.query_length
+            # Pages completed by the kept tokens only (prefix sharing hashes them from the output).
+            state.position_offset = past
+            future.complete_blocks = cache.count_new_complete_blocks(state, 1 + kept)
+            state.position_offset = past + 1 + kept
+            for token in tokens[:kept]:  # never an end token: a drafted end is kept as the model's own pick
+                state.update_and_check_completion(token, None)
+        return requests, new_tokens, logprobs
+
     def update() -> None:
-        drafts: dict[str, list[int]] = step["drafts"]
-        if step["rows"]:
-            step["rows"] = 0
-            accepted = hooks.accepted()
-            for future in io.requests_in_batch:
-                state = future.state
-                tokens = drafts.get(state.request_id)
-                if tokens is None or state.status != RequestStatus.DECODING:
-                    continue
-                kept = accepted.get(state.request_id, 0)
-                past = state.position_offset - future.query_length
-                # Pages completed by the kept tokens only (prefix sharing hashes them from the output).
-                state.position_offset = past
-                future.complete_blocks = cache.count_new_complete_blocks(state, 1 + kept)
-                state.position_offset = past + 1 + kept
-                for token in tokens[:kept]:  # never the end: a draft the model ends on is not kept as a draft
-                    state.update_and_check_completion(token, None)
-        step["drafts"] = {}
-        update_batch()
+        step["updating"] = True
+        try:
+            update_batch()
+        finally:
+            step["updating"] = False
+            step["rows"], step["drafts"] = 0, {}
 
     scheduler.schedule_batch = schedule
     io.prepare_batch_tensors = prepare
     io.get_model_kwargs = model_kwargs
+    io.prepare_batch_update = batch_update
     processor.update_batch = update
 
 
