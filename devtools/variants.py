@@ -265,6 +265,12 @@ at most {MAX_BATCH_SEQUENCES}.
   cuda_graphs: "off"
   async_batching: false
   compile_level: 0
+  # Speculative decoding (engine/speculation.py): up to this many draft tokens per request and step, looked up in
+  # the request's own prompt and output and checked in the same forward pass; the output is unchanged. 0: off
+  # (also STARCODER_SPECULATIVE_TOKENS=0). Drafts only fill a step up to speculative_step_tokens query tokens.
+  # CPU, tiny code model (docs/benchmarks.md, "Speculative decoding"): code edits at one client are faster with it on.
+  speculative_tokens: 8
+  speculative_step_tokens: 64
 
 runtime:
   # The engine queues requests itself and answers 503 past `max_queued_requests`; truss's semaphore

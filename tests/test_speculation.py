@@ -361,26 +361,32 @@ def test_a_draft_is_kept_with_its_probability_and_otherwise_the_rest_is_sampled(
     kth = warped.topk(top_k).values[-1]
     p = torch.where(warped >= kth, warped, torch.tensor(float("-inf"))).softmax(dim=-1)
     draft = int(p.argsort(descending=True)[1])  # a likely token, not the likeliest
-    batch = sampler(max_requests=4)
-    samples = 3000
+    chunk, samples = 500, 3000
+    batch = sampler(max_requests=chunk)
     kept = 0
     emitted = torch.zeros(VOCAB)
     emitted_when_rejected = torch.zeros(VOCAB)
-    for seed in range(samples):
-        row = Row(f"r{seed}", make_plan([1, 2], do_sample=True, temperature=temperature, top_k=top_k, seed=seed))
-        row.state.generated_tokens.append(3)
-        batch.step_drafts = lambda row=row: {row.state.request_id: [draft, 5]}
-        args = batch.prepare_tensor_args([row.request])
-        # The usual row (position 2), then positions 0 and 1: the draft is checked against position 0's logits.
-        scores = torch.stack([torch.zeros(VOCAB), logits, torch.zeros(VOCAB)])
+    for first_seed in range(0, samples, chunk):  # a step of 500 requests, each with its own seed
+        rows = [
+            Row(f"r{seed}", make_plan([1, 2], do_sample=True, temperature=temperature, top_k=top_k, seed=seed))
+            for seed in range(first_seed, first_seed + chunk)
+        ]
+        for row in rows:
+            row.state.generated_tokens.append(3)
+        batch.step_drafts = lambda rows=rows: {row.state.request_id: [draft, 5] for row in rows}
+        args = batch.prepare_tensor_args([row.request for row in rows])
+        # The usual rows (position 2) first, then each request's positions 0 and 1: the draft is checked against
+        # position 0's logits.
+        scores = torch.cat([torch.zeros(chunk, VOCAB), torch.stack([logits, torch.zeros(VOCAB)]).repeat(chunk, 1)])
         picks = batch(scores, args).argmax(dim=-1).tolist()  # the manager's argmax of every row
-        accepted = batch.verify(picks)[row.state.request_id]
-        first = draft if accepted >= 1 else picks[1]  # position 0's pick is row 1's
-        kept += accepted >= 1
-        emitted[first] += 1
-        if accepted == 0:
-            emitted_when_rejected[first] += 1
-        batch.release(row.state.request_id)
+        accepted = batch.verify(picks)
+        for index, row in enumerate(rows):
+            first = draft if accepted[row.state.request_id] >= 1 else picks[chunk + 2 * index]
+            kept += accepted[row.state.request_id] >= 1
+            emitted[first] += 1
+            if accepted[row.state.request_id] == 0:
+                emitted_when_rejected[first] += 1
+            batch.release(row.state.request_id)
     rate = kept / samples
     sigma = math.sqrt(float(p[draft]) * (1 - float(p[draft])) / samples)
     assert abs(rate - float(p[draft])) < 4 * sigma, (rate, float(p[draft]))
@@ -405,3 +411,17 @@ def critical(degrees: int) -> float:
     z = 3.09
     return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
 
+
+
+def test_a_full_cache_serves_everyone_the_same_tokens(model: Any) -> None:
+    """With a cache too small for every request and its drafts (10 pages of 16 tokens for three requests of about
+    50 tokens), requests are starved, offloaded and restored; each still gets the tokens it gets alone."""
+    prompts = [[*prompt, *prompt] for prompt in PROMPTS]
+    alone = [reference(model, [prompt], max_new_tokens=40)[0] for prompt in prompts]
+    drafter = OracleDrafter([[*p, *o.tokens] for p, o in zip(prompts, alone)], 0.5, model.config.vocab_size)
+    batch = worker(model, 6, drafter, kv_num_blocks=10)
+    try:
+        got = run(batch, prompts, max_new_tokens=40)
+    finally:
+        batch.shutdown()
+    assert [outcome.tokens for outcome in got] == [outcome.tokens for outcome in alone]

@@ -258,10 +258,10 @@ def _hook_processor(processor: Any, hooks: StepHooks) -> None:
     index_row = next(bulk[i] for i in range(bulk.size(0)) if bulk[i].data_ptr() == io.logits_indices.data_ptr())
     # This step: its logits rows (0: no drafts), the drafts it feeds by request id, where each request's draft rows
     # start, and whether update_batch is reading its outputs.
-    step: dict[str, Any] = {"rows": 0, "drafts": {}, "starts": {}, "updating": False}
+    step: dict[str, Any] = {"rows": 0, "drafts": {}, "starts": {}, "updating": False, "starved": set()}
 
     def schedule(token_budget: int, cache_budget: int) -> Any:
-        rows, room = _decoding_rows(scheduler, token_budget, cache_budget)
+        rows, room = _decoding_rows(scheduler, token_budget, cache_budget, step["starved"])
         drafts = hooks.propose(rows, room) if rows and room > 0 else {}
         states = scheduler.active_requests
         for request_id, tokens in drafts.items():
@@ -286,6 +286,8 @@ def _hook_processor(processor: Any, hooks: StepHooks) -> None:
                 state = states.get(request_id)
                 if state is not None:
                     del state.tokens_to_process[len(state.tokens_to_process) - len(tokens) :]
+        # A request the cache could not take with its drafts drafts nothing next step: alone, its token may fit.
+        step["starved"] = {state.request_id for state, _ in scheduler.starved_requests} if drafts else set()
         step["drafts"] = held
         hooks.scheduled(held)
         return result
@@ -360,7 +362,9 @@ def _hook_processor(processor: Any, hooks: StepHooks) -> None:
     processor.update_batch = update
 
 
-def _decoding_rows(scheduler: Any, token_budget: int, cache_budget: int) -> tuple[list[DecodingRow], int]:
+def _decoding_rows(
+    scheduler: Any, token_budget: int, cache_budget: int, starved: set[str]
+) -> tuple[list[DecodingRow], int]:
     """The decoding requests a step may draft for, and the tokens left for drafts once every decoding request's
     own token and every waiting prefill (new prompts come first: their time to first token) is counted."""
     rows: list[DecodingRow] = []
@@ -369,7 +373,12 @@ def _decoding_rows(scheduler: Any, token_budget: int, cache_budget: int) -> tupl
     for state in scheduler.active_requests.values():
         if state.status == RequestStatus.DECODING:
             kv_read += state.position_offset
-            if not state.is_cpu_offloaded and len(state.tokens_to_process) == 1 and state.generated_tokens:
+            if (
+                not state.is_cpu_offloaded
+                and len(state.tokens_to_process) == 1
+                and state.generated_tokens
+                and state.request_id not in starved
+            ):
                 left = state._new_tokens_limit - len(state.generated_tokens)
                 rows.append(
                     DecodingRow(state.request_id, state.initial_tokens, state.generated_tokens, state.position_offset, left)
