@@ -23,6 +23,10 @@ Phases, in order (the cheap and essential first, torch.compile last):
    against wall time (torch.profiler; the rest is launch gaps and host work) and each thread's sampled
    Python stacks (bench/stack_sampler.py: where the batch loop's host time goes).
 5. ``seed``: the one-at-a-time approach (every request through ``generate()``) at a few levels.
+5b. ``speculation``: the cost of checking drafts at this shape: tokens/s of the batch at 1, 8 and 64 clients
+   with oracle drafts of 8 tokens (``drafting.OracleDrafter``) that are all wrong, half right and all right,
+   with a fixed ``k`` (the raw curve: random weights give no real acceptance rate) and with the policy at 0%
+   (what a deployment pays when drafts miss), against speculation off.
 6. ``variant:*``: one setting changed each: CUDA graphs per path, asynchronous batching, KV page
    sizes, flash attention when installed. Each: warm-up time, greedy equality, throughput.
 7. ``memory_80gb``: a ballast leaves the card with an 80 GB card's memory; config.yaml's engine then
@@ -165,6 +169,8 @@ class SuiteReport(pydantic.BaseModel):
     phases: list[PhaseOutcome] = []
     decode_generate: gpu.DecodeResult | None = None
     reference_prompts: int = 0
+    # Phase "speculation": tokens/s by drafts ("off", "fixed-k8 100%", ..., "policy 0%") and clients.
+    speculation: dict[str, dict[str, float]] = {}
     runs: list[EngineRun] = []
     seed: EngineRun | None = None
     memory_80gb: MemoryCheck | None = None
@@ -455,6 +461,46 @@ class Suite:
             run.routed = {path.value: count for path, count in engine.routed.items()}
         self.report.concurrency_target = concurrency_target(run.levels)
 
+    def speculation(self) -> None:
+        """Oracle drafts against speculation off (bench/speculation.py's in-process driver on this model)."""
+        from starcoder_serving.engine.drafting import OracleDrafter
+
+        from bench.speculation import generate_all, worker
+
+        settings = self.base_settings()
+        sizing = {
+            "max_requests": max(self.args.speculation_levels),
+            "max_batch_sequences": settings.get("max_batch_sequences", 64),
+            "max_batch_tokens": settings.get("max_batch_tokens") or 2048,
+            "kv_num_blocks": None if self.cuda else 256,
+            "kv_page_size": settings.get("kv_page_size", 256),
+            "kv_memory_fraction": settings.get("kv_memory_fraction") if self.cuda else None,
+        }
+        eos = int(self.tokenizer.eos_token_id)
+        prompts = self.prompts[: self.args.speculation_prompts]
+        tokens = self.args.check_tokens
+        results = self.report.speculation
+
+        def measure(name: str, batch: Any) -> None:
+            try:
+                for clients in self.args.speculation_levels:
+                    rate = generate_all(batch, prompts, tokens, clients)[1]
+                    results.setdefault(name, {})[str(clients)] = rate
+                    print(f"   speculation {name} @{clients}: {rate:,.0f} tok/s", flush=True)
+                    self.save()
+            finally:
+                batch.shutdown()
+                free_device_memory()
+
+        off = worker(self.model, 0, None, eos, **sizing)
+        references = generate_all(off, prompts, tokens, 1)[0]
+        measure("off", off)
+        sequences = [[*prompt, *output] for prompt, output in zip(prompts, references)]
+        for acceptance, adaptive in ((1.0, False), (0.0, False), (0.5, False), (0.0, True)):
+            drafter = OracleDrafter(sequences, acceptance, self.model.config.vocab_size)
+            name = f"{'policy' if adaptive else 'fixed-k8'} {acceptance:.0%}"
+            measure(name, worker(self.model, 8, drafter, eos, adaptive=adaptive, **sizing))
+
     def seed(self) -> None:
         with self.engine({"continuous_batching": False}) as (engine, startup, _cache):
             run = EngineRun(name="seed", settings={"continuous_batching": False}, startup_s=startup)
@@ -645,6 +691,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant-levels", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS (default: all)")
     parser.add_argument("--check-prompts", type=int, default=8)
+    parser.add_argument("--speculation-levels", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--speculation-prompts", type=int, default=4)
     parser.add_argument("--check-tokens", type=int, default=64)
     parser.add_argument("--fim-tokens", type=int, default=1500)
     parser.add_argument("--ttft-trials", type=int, default=5)
@@ -707,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite.phase("reference", 15, suite.reference_phase)
     suite.phase("baseline", 60, suite.baseline)
     suite.phase("seed", 30, suite.seed)
+    suite.phase("speculation", 90, suite.speculation)
     for name, overrides in chosen.items():
         suite.phase(f"variant:{name}", 30, lambda name=name, overrides=overrides: suite.variant(name, overrides))
     suite.phase("memory_80gb", 90, suite.memory_80gb)

@@ -103,6 +103,19 @@ def verdicts(report: SuiteReport) -> list[Verdict]:
                 eq.identical == eq.prompts and eq.failures == 0,
             )
         )
+
+    # Speculation's cost at this shape (phase "speculation"): oracle drafts of 8 tokens against speculation off.
+    off = report.speculation.get("off", {}).get("1")
+    for name, target, floor in (
+        ("fixed-k8 100%", "speculation, 100% oracle acceptance, 1 client: >= 2.5x off", 2.5),
+        ("fixed-k8 0%", "speculation, 0% acceptance (fixed k = 8), 1 client: >= 0.9x off", 0.9),
+        ("policy 0%", "speculation, 0% acceptance (the policy), 1 client: >= 0.9x off", 0.9),
+    ):
+        rate = report.speculation.get(name, {}).get("1")
+        if off and rate is not None:
+            out.append(Verdict(target, f"{rate:.1f} vs {off:.1f} tok/s = {rate / off:.2f}x", rate / off >= floor))
+        else:
+            out.append(Verdict(target, "not measured", None))
     return out
 
 

@@ -259,24 +259,29 @@ def oracle(args: argparse.Namespace, model: Any, prompts: list[list[int]], eos: 
     return results
 
 
-def worker(model: Any, speculative_tokens: int, drafter: Any, eos: int, adaptive: bool = True) -> Any:
-    """The batch as a CPU server builds it (engine.py: 512-token steps, 256 pages of 256 tokens)."""
+def worker(model: Any, speculative_tokens: int, drafter: Any, eos: int, adaptive: bool = True, **sizing: Any) -> Any:
+    """The batch as a CPU server builds it (engine.py: 512-token steps, 256 pages of 256 tokens); ``sizing``
+    overrides (a GPU's: kv_num_blocks None and a kv_memory_fraction)."""
     from starcoder_serving.engine.batch_worker import BatchedWorker
 
+    options: dict[str, Any] = {
+        "max_requests": 64,
+        "max_batch_sequences": 64,
+        "max_batch_tokens": 512,
+        "kv_num_blocks": 256,
+        "kv_page_size": 256,
+        "kv_memory_fraction": None,
+        "prefix_sharing": True,
+        **sizing,
+    }
     return BatchedWorker(
         model,
         eos_token_ids={eos},
         logits_width=model.config.vocab_size,
-        max_requests=64,
-        max_batch_sequences=64,
-        max_batch_tokens=512,
-        kv_num_blocks=256,
-        kv_page_size=256,
-        kv_memory_fraction=None,
-        prefix_sharing=True,
         speculative_tokens=speculative_tokens,
         drafter=drafter,
         adaptive_speculation=adaptive,
+        **options,
     )
 
 
