@@ -253,6 +253,32 @@ def test_k_adapts_to_what_was_kept_and_backs_off_after_failures() -> None:
     assert stats.verified_steps == 8
 
 
+def test_a_new_request_starts_from_the_recent_acceptance() -> None:
+    """After drafts have mostly missed, a new request starts backed off (it probes one token after 4 steps) instead
+    of paying a full first draft; after they have mostly been kept, it starts at the most again."""
+    speculator = Speculator(max_tokens=8, step_token_limit=64, drafter=FixedDrafter())
+    kept: dict[str, int] = {}
+    speculator.attach(list, lambda picks: kept)
+
+    def step(request: DecodingRow, keep_all: bool) -> int:
+        drafts = speculator.propose([request], 100)
+        speculator.scheduled(drafts)
+        length = len(drafts.get(request.request_id, []))
+        kept.clear()
+        if length:
+            kept[request.request_id] = length if keep_all else 0
+            speculator.verified([])
+        return length
+
+    for i in range(30):  # one step each of many requests whose drafts miss
+        step(rows(1)[0]._replace(request_id=f"miss-{i}"), keep_all=False)
+    fresh = rows(1)[0]._replace(request_id="fresh")
+    assert [step(fresh, keep_all=True) for _ in range(5)] == [0, 0, 0, 0, 1]
+    for i in range(40):
+        step(rows(1)[0]._replace(request_id=f"hit-{i}"), keep_all=True)
+    assert step(rows(1)[0]._replace(request_id="later"), keep_all=True) == 8
+
+
 # ---- exact: the output is the one without speculation ----
 
 PARAMETERS: dict[str, dict[str, Any]] = {

@@ -22,7 +22,10 @@ memory-bound (one user, a GPU) and paid for in full once the batch is compute-bo
   tokens in all (past it a step is compute-bound);
 * ``k`` adapts per request: after a step that kept every draft it grows by 2, after a partial one it is what
   was kept plus one, and after a step that kept none the request stops drafting for 1, 2, 4 ... 16 steps before
-  it tries one token again, so a request whose drafts are wrong costs almost nothing.
+  it tries one token again, so a request whose drafts are wrong costs almost nothing;
+* a new request starts from what recent ones got (the acceptance rate of the last verifications, all requests
+  together): ``k`` in proportion, and, when drafts have mostly missed lately, already backed off, so a stream of
+  short requests whose drafts miss does not pay a full first draft each.
 
 Requests that cannot be checked exactly draft nothing: those past a sliding window (StarCoder2: 4,096 tokens),
 where a rejected draft's cache entry would overwrite one the window still needs.
@@ -38,6 +41,9 @@ from starcoder_serving.engine.drafting import Drafter, NgramDrafter, TokenHistor
 from starcoder_serving.engine.transformers_compat import DecodingRow
 
 _MAX_BACKOFF_STEPS = 16
+# How fast the recent acceptance rate follows each verification, and below which a new request starts backed off.
+_RECENT_WEIGHT = 0.1
+_COLD_START = 0.25
 
 
 @dataclasses.dataclass
@@ -56,13 +62,14 @@ class SpeculationStats:
 class _Row:
     __slots__ = ("backoff", "failures", "history", "k", "prompt_length", "synced")
 
-    def __init__(self, row: DecodingRow, k: int) -> None:
+    def __init__(self, row: DecodingRow, max_tokens: int, recent_acceptance: float) -> None:
         self.history = TokenHistory(row.prompt)
         self.prompt_length = len(row.prompt)
         self.synced = 0  # generated tokens already in history
-        self.k = k
-        self.failures = 0
-        self.backoff = 0
+        cold = recent_acceptance < _COLD_START
+        self.k = 1 if cold else max(1, round(max_tokens * recent_acceptance))
+        self.failures = 3 if cold else 0
+        self.backoff = 1 << (self.failures - 1) if cold else 0
 
     def sync(self, row: DecodingRow) -> None:
         if self.synced < len(row.generated):
@@ -90,6 +97,7 @@ class Speculator:
         self.stats = SpeculationStats()
         self.step_drafts: dict[str, list[int]] = {}
         self._rows: dict[str, _Row] = {}
+        self._recent_acceptance = 1.0  # kept / drafted over the last verifications (an exponential average)
         self._stats_lock = threading.Lock()
         # Set by BatchedWorker: the sampler's layout of the step's draft rows and, after it, its verdict on the picks.
         self.extra_rows: Callable[[], list[tuple[str, int]]] = list
@@ -115,7 +123,7 @@ class Speculator:
                 break
             state = known.get(row.request_id)
             if state is None or state.prompt_length != len(row.prompt):
-                state = known[row.request_id] = _Row(row, self.max_tokens)
+                state = known[row.request_id] = _Row(row, self.max_tokens, self._recent_acceptance)
             if state.backoff > 0:
                 state.backoff -= 1
                 continue
@@ -144,6 +152,7 @@ class Speculator:
             accepted += count
             if self.adaptive and (state := self._rows.get(request_id)) is not None:
                 self._adapt(state, len(tokens), count)
+                self._recent_acceptance += _RECENT_WEIGHT * (count / len(tokens) - self._recent_acceptance)
         with self._stats_lock:
             self.stats.drafted += drafted
             self.stats.accepted += accepted
