@@ -138,7 +138,7 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 
 def run_servers(args: argparse.Namespace, requests: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    env = {"STARCODER_CHECKPOINT": str(args.model), "STARCODER_DTYPE": "float32", "STARCODER_DEVICE": "cpu"}
+    env = {"STARCODER_CHECKPOINT": str(args.model.resolve()), "STARCODER_DTYPE": "float32", "STARCODER_DEVICE": "cpu"}
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as running:
         servers = {}

@@ -115,6 +115,7 @@ def test_gpu_suite_runs_every_phase_on_a_cpu_stand_in(tmp_path: Path) -> None:
     args += ["--new-tokens", "6", "--prompt-tokens", "32", "--levels", "1", "3", "--seed-levels", "1", "3"]
     args += ["--variant-levels", "2", "--check-prompts", "3", "--check-tokens", "6", "--ttft-trials", "1"]
     args += ["--fim-tokens", "200", "--copy-gib", "0.02", "--repeats", "1", "--variants", "graphs-both", "async"]
+    args += ["--speculation-levels", "1", "2", "--speculation-prompts", "2"]
     assert gpu_suite.main(args) == 0
     report = gpu_suite.SuiteReport.model_validate_json((tmp_path / "results-t.json").read_text())
     status = {phase.name: phase.status for phase in report.phases}
@@ -124,11 +125,14 @@ def test_gpu_suite_runs_every_phase_on_a_cpu_stand_in(tmp_path: Path) -> None:
         "reference": "done",
         "baseline": "done",
         "seed": "done",
+        "speculation": "done",
         "variant:graphs-both": "done",
         "variant:async": "done",
         "memory_80gb": "failed",  # needs CUDA
     }, report.phases
     assert report.reference_prompts == 3
+    assert set(report.speculation) == {"off", "fixed-k8 100%", "fixed-k8 0%", "fixed-k8 50%", "policy 0%"}
+    assert all(set(rates) == {"1", "2"} and min(rates.values()) > 0 for rates in report.speculation.values())
     for run in report.runs:
         assert run.equality is not None and run.equality.identical == 3 and run.equality.failures == 0, run
         assert all(level.failures == 0 and level.output_tokens_per_s > 0 for level in run.levels), run
