@@ -152,7 +152,9 @@ def run_servers(args: argparse.Namespace, requests: dict[str, list[dict[str, Any
             servers[name] = truss_server_on(running, port, work, {**env, **extra}).base_url
         levels = [(workload, 1) for workload in WORKLOADS] + [("mixed", args.clients)]
         for workload, clients in levels:
-            bodies = [body for name in WORKLOADS for body in requests[name]] if workload == "mixed" else requests[workload]
+            bodies = (
+                [body for name in WORKLOADS for body in requests[name]] if workload == "mixed" else requests[workload]
+            )
             runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
             for _ in range(args.runs):  # alternate, so a slow spell of the machine hits both
                 for name in ("off", "on"):
@@ -176,18 +178,15 @@ def run_servers(args: argparse.Namespace, requests: dict[str, list[dict[str, Any
 def run_in_process(args: argparse.Namespace, requests: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """transformers' prompt lookup and plain generate(), and the batch with oracle drafts (no HTTP)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from starcoder_serving.engine import cpu_threads
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
     cpu_threads.install(model, None)  # the server's thread policy
     eos = tokenizer.eos_token_id
     results: dict[str, Any] = {}
-    prompts = {
-        name: [tokenizer(_prompt_text(body))["input_ids"] for body in requests[name]] for name in WORKLOADS
-    }
+    prompts = {name: [tokenizer(_prompt_text(body))["input_ids"] for body in requests[name]] for name in WORKLOADS}
     for name in WORKLOADS:
         rows = {}
         for label, extra in (("generate", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": SPECULATIVE_TOKENS})):
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     functions = source_functions(args.prompts)
     requests = {name: workload_requests(name, functions, args.max_tokens) for name in WORKLOADS}
     report: dict[str, Any] = {
-        "command": "make bench BENCH_ARGS=\"--speculation\"",
+        "command": 'make bench BENCH_ARGS="--speculation"',
         "machine": machine_info(),
         "loadavg_before": loadavg(),
         "model": str(args.model.relative_to(REPO_ROOT)) if args.model.is_relative_to(REPO_ROOT) else str(args.model),

@@ -369,9 +369,7 @@ class BatchedWorker:
             # match its tokens one for one.
             entries = logprobs.get(output.request_id, [])[-len(new) :]
             with_entries = new[len(new) - len(entries) :] if entries else []
-            entries = [
-                dataclasses.replace(entry, token_id=int(token)) for entry, token in zip(entries, with_entries)
-            ]
+            entries = [dataclasses.replace(entry, token_id=int(token)) for entry, token in zip(entries, with_entries)]
             if active.quiet:
                 active.tokens = tokens
                 active.logprobs.extend(entries)

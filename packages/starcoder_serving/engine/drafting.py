@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-
 # Longest and shortest suffix matched. A single token matches almost anywhere in code (indentation, brackets)
 # and would mostly draft noise; two tokens already pin a place down.
 MAX_NGRAM = 4

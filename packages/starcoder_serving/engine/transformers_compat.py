@@ -42,9 +42,9 @@ __all__ = [
     "generation_thread",
     "hand_one_step_to_batch",
     "holds_pause",
-    "install_step_hooks",
     "install_logits_processor",
     "install_output_router",
+    "install_step_hooks",
     "kv_cache_tokens",
     "kv_cache_usage",
     "last_step_rows",
@@ -381,7 +381,9 @@ def _decoding_rows(
             ):
                 left = state._new_tokens_limit - len(state.generated_tokens)
                 rows.append(
-                    DecodingRow(state.request_id, state.initial_tokens, state.generated_tokens, state.position_offset, left)
+                    DecodingRow(
+                        state.request_id, state.initial_tokens, state.generated_tokens, state.position_offset, left
+                    )
                 )
         else:
             prefill += len(state.remaining_prefill_tokens)
