@@ -148,9 +148,10 @@ def run_servers(args: argparse.Namespace, requests: dict[str, list[dict[str, Any
             work.mkdir(parents=True, exist_ok=True)
             port = claim_port(ports)
             print(f"[speculation {name}] starting the Truss server on port {port} (log {work / 'server.log'})")
-            extra = {"STARCODER_SPECULATIVE_TOKENS": str(tokens)}
+            extra = {"STARCODER_SPECULATIVE_TOKENS": str(tokens), **dict(kv.split("=", 1) for kv in args.server_env)}
             servers[name] = truss_server_on(running, port, work, {**env, **extra}).base_url
         levels = [(workload, 1) for workload in WORKLOADS] + [("mixed", args.clients)]
+        levels = [level for level in levels if not args.levels or level[0] in args.levels]
         for workload, clients in levels:
             bodies = (
                 [body for name in WORKLOADS for body in requests[name]] if workload == "mixed" else requests[workload]
@@ -271,6 +272,8 @@ def worker(model: Any, speculative_tokens: int, drafter: Any, eos: int, adaptive
         "kv_page_size": 256,
         "kv_memory_fraction": None,
         "prefix_sharing": True,
+        # As the engine resolves speculative_step_tokens' default for the device.
+        "speculative_step_tokens": 16 if model.device.type == "cpu" else 64,
         **sizing,
     }
     return BatchedWorker(
@@ -326,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-server", action="store_true", help="only the in-process measurements")
+    parser.add_argument("--levels", nargs="*", default=[], help="only these server levels (edit, fim, fresh, mixed)")
+    parser.add_argument("--server-env", nargs="*", default=[], help="KEY=VALUE for both servers (experiments)")
     parser.add_argument("--skip-in-process", action="store_true", help="only the servers")
     parser.add_argument("--label", help="write docs/bench/results-LABEL.json")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 from starcoder_serving.engine.batch_worker import BatchedWorker
 from starcoder_serving.engine.drafting import Drafter, NgramDrafter, OracleDrafter, TokenHistory
+from starcoder_serving.engine.engine import Completion, Engine
 from starcoder_serving.engine.jobs import GenerationPlan, Job
 from starcoder_serving.engine.sampling_params import SamplingParams
 from starcoder_serving.engine.speculation import Speculator
@@ -25,6 +26,8 @@ from starcoder_serving.engine.transformers_compat import DecodingRow
 from starcoder_serving.events import DoneEvent, FinishReason, TokenEvent
 from transformers import AutoModelForCausalLM
 
+from devtools.truss_local import CODE_MODEL_DIR
+from tests.conftest import DATA_DIR, tiny_settings
 from tests.test_batch_sampler import VOCAB, Row, make_plan, sampler
 
 PROMPTS = [
@@ -86,7 +89,11 @@ def worker(model: Any, speculative_tokens: int, drafter: Drafter | None = None, 
 
 
 def run(
-    batch: BatchedWorker, prompts: Sequence[Sequence[int]], quiet: bool = False, cancel_after: int | None = None, **params: Any
+    batch: BatchedWorker,
+    prompts: Sequence[Sequence[int]],
+    quiet: bool = False,
+    cancel_after: int | None = None,
+    **params: Any,
 ) -> list[Outcome]:
     """Submits every prompt at once and collects each one's events."""
     loop = asyncio.new_event_loop()
@@ -94,7 +101,9 @@ def run(
     async def collect() -> list[Outcome]:
         jobs = []
         for prompt in prompts:
-            job = Job(GenerationPlan(list(prompt), SamplingParams(**{"max_new_tokens": 40, **params})), loop, quiet=quiet)
+            job = Job(
+                GenerationPlan(list(prompt), SamplingParams(**{"max_new_tokens": 40, **params})), loop, quiet=quiet
+            )
             jobs.append(job)
             batch.submit(job)
         outcomes = []
@@ -320,7 +329,7 @@ def test_output_is_the_same_with_speculation(model: Any, name: str, acceptance: 
 
 def test_a_stream_gets_several_tokens_at_once_each_with_its_logprob(model: Any) -> None:
     expected = reference(model, PROMPTS[:1], logprobs=2)
-    got, stats = speculating(model, PROMPTS[:1], expected, 1.0, logprobs=2)
+    got, _stats = speculating(model, PROMPTS[:1], expected, 1.0, logprobs=2)
     (outcome,) = got
     assert max(len(event.token_ids) for event in outcome.events) > 1
     for event in outcome.events:
@@ -438,7 +447,6 @@ def critical(degrees: int) -> float:
     return degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
 
 
-
 def test_a_full_cache_serves_everyone_the_same_tokens(model: Any) -> None:
     """With a cache too small for every request and its drafts (10 pages of 16 tokens for three requests of about
     50 tokens), requests are starved, offloaded and restored; each still gets the tokens it gets alone."""
@@ -451,3 +459,70 @@ def test_a_full_cache_serves_everyone_the_same_tokens(model: Any) -> None:
     finally:
         batch.shutdown()
     assert [outcome.tokens for outcome in got] == [outcome.tokens for outcome in alone]
+
+
+# ---- the embedded code model, with the real drafter, through the engine ----
+
+EDIT_PROMPT = '''def merge_intervals(intervals):
+    """Merge overlapping intervals."""
+    merged = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+# The same function, rewritten:
+def merge_intervals(intervals):
+'''
+
+
+@pytest.fixture(scope="module")
+def code_engines() -> Iterator[dict[int, Engine]]:
+    """The embedded code model (make serve's default) with speculation on (8 tokens) and off."""
+    engines = {k: Engine.load(tiny_settings(CODE_MODEL_DIR, speculative_tokens=k), DATA_DIR) for k in (8, 0)}
+    yield engines
+    for engine in engines.values():
+        engine.shutdown()
+
+
+def streamed(engine: Engine, prompt: str, **params: Any) -> tuple[list[str], Completion]:
+    plan = engine.plan(engine.tokenize(prompt), SamplingParams(**{"max_new_tokens": 96, **params}))[0]
+    finished: list[Completion] = []
+
+    async def collect() -> list[str]:
+        return [delta.text async for delta in engine.stream(plan, finished.append)]
+
+    deltas = asyncio.run(collect())
+    return deltas, finished[0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"stop": ()},  # a stop sequence taken from the middle of the greedy text
+        {"logprobs": 2, "repetition_penalty": 1.1},
+        {"do_sample": True, "seed": 4, "temperature": 0.7, "top_p": 0.9},
+    ],
+    ids=["greedy", "stop", "logprobs-penalty", "seeded"],
+)
+def test_the_code_model_drafts_from_its_prompt_and_says_the_same(code_engines: dict[int, Engine], params: Any) -> None:
+    """The real drafter on an edit (the embedded code model repeats what it was shown, and its own loops): drafts
+    are kept, and the text, finish reason, token count and logprobs are the ones without speculation."""
+    if "stop" in params:
+        _, whole = streamed(code_engines[0], EDIT_PROMPT)
+        params = {"stop": (whole.text[len(whole.text) // 2 :][:4],)}
+    before = code_engines[8].speculation
+    on_deltas, on = streamed(code_engines[8], EDIT_PROMPT, **params)
+    _, off = streamed(code_engines[0], EDIT_PROMPT, **params)
+    after = code_engines[8].speculation
+    assert (on.text, on.finish_reason, on.completion_tokens) == (off.text, off.finish_reason, off.completion_tokens)
+    assert [entry.token_id for entry in on.token_logprobs] == [entry.token_id for entry in off.token_logprobs]
+    assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-4) for a, b in zip(on.token_logprobs, off.token_logprobs))
+    assert "".join(on_deltas) == on.text
+    assert after.accepted > before.accepted, "the code model's edit kept no draft"
+    if "stop" in params:
+        assert on.finish_reason is FinishReason.STOP and params["stop"][0] not in on.text
