@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,15 @@ _CORPUS_SNIPPETS: tuple[str, ...] = (
 )
 
 
-def _train_tokenizer(directory: Path, special_tokens: tuple[str, ...], max_length: int) -> None:
+def _train_tokenizer(
+    directory: Path,
+    special_tokens: tuple[str, ...],
+    max_length: int,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = VOCAB_SIZE,
+) -> None:
+    """A byte-level BPE tokenizer with ``special_tokens`` first (the real model's ids), its merges learnt from
+    ``corpus`` (default: the fixed snippets above), saved into ``directory``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -127,12 +136,12 @@ def _train_tokenizer(directory: Path, special_tokens: tuple[str, ...], max_lengt
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(special_tokens),  # given first, so they get the real model's ids
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(list(_CORPUS_SNIPPETS) * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(_CORPUS_SNIPPETS) * 4 if corpus is None else corpus, trainer=trainer)
     for token_id, token in enumerate(special_tokens):
         assert tokenizer.token_to_id(token) == token_id, f"{token} is not at the real model's id {token_id}"
 

@@ -1,6 +1,7 @@
 """Run the real Truss server on this machine, without Docker, exactly as truss lays it out in the image.
 
-    python -m devtools.truss_local            # tiny StarCoder-shaped model on CPU, 127.0.0.1:$PORT
+    python -m devtools.truss_local            # the tiny code model (devtools/code_model) on CPU, 127.0.0.1:$PORT
+    STARCODER_TINY=starcoder python -m devtools.truss_local   # the random-weight tiny StarCoder (or starcoder2)
     STARCODER_CHECKPOINT=/path/or/hub-id python -m devtools.truss_local
 
 truss builds the image's build context from this package (what ``truss push`` uploads), then its
@@ -25,6 +26,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TINY_MODEL_DIR = REPO_ROOT / ".cache" / "tiny-starcoder"
+# The tiny model trained on the standard library's code (devtools/code_model.py), committed: `make serve`'s default.
+CODE_MODEL_DIR = REPO_ROOT / "devtools" / "code_model"
 TINY_STARCODER2_DIR = REPO_ROOT / ".cache" / "tiny-starcoder2"
 DEFAULT_LAYOUT_DIR = REPO_ROOT / ".cache" / "truss-server"
 
@@ -67,17 +70,23 @@ def lay_out_server(layout_dir: Path = DEFAULT_LAYOUT_DIR) -> Path:
 def server_environment(
     port: int, extra: dict[str, str] | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The image's environment, pointed at the tiny model unless STARCODER_CHECKPOINT says otherwise. ``environ``:
-    the environment to start from (default: this process's now)."""
+    """The image's environment, pointed at a tiny model unless STARCODER_CHECKPOINT says otherwise: STARCODER_TINY
+    picks it, ``code`` (the default: the committed checkpoint trained on the standard library's code), ``starcoder``
+    or ``starcoder2`` (random weights, built in seconds). ``environ``: the environment to start from (default: this
+    process's now)."""
     env = dict(os.environ if environ is None else environ)
     if not env.get("STARCODER_CHECKPOINT"):
         from devtools.tiny_model import build_tiny_model, build_tiny_starcoder2
 
-        # STARCODER_TINY=starcoder2 serves the tiny StarCoder2-architecture checkpoint instead.
-        if env.get("STARCODER_TINY", "starcoder") == "starcoder2":
+        tiny = env.get("STARCODER_TINY") or "code"
+        if tiny == "code":
+            env["STARCODER_CHECKPOINT"] = str(CODE_MODEL_DIR)
+        elif tiny == "starcoder":
+            env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
+        elif tiny == "starcoder2":
             env["STARCODER_CHECKPOINT"] = str(build_tiny_starcoder2(TINY_STARCODER2_DIR))
         else:
-            env["STARCODER_CHECKPOINT"] = str(build_tiny_model(DEFAULT_TINY_MODEL_DIR))
+            raise ValueError(f"STARCODER_TINY={tiny!r}: choose code (the default), starcoder or starcoder2")
         env.setdefault("STARCODER_DTYPE", "float32")
         env.setdefault("STARCODER_DEVICE", "cpu")
         # Prefill chunks of 1024 tokens, not config.yaml's 2048 (sized for a GPU's paged flash attention): on a CPU

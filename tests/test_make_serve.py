@@ -1,5 +1,5 @@
-"""`make serve` as a user runs it: killing make (or the launcher) never leaves a server holding the port, and
-Ctrl-C in a terminal stops it with exit status 0."""
+"""`make serve` as a user runs it: it serves the tiny code model (devtools/code_model/) by default, killing make (or
+the launcher) never leaves a server holding the port, and Ctrl-C in a terminal stops it with exit status 0."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools.truss_local import DEFAULT_LAYOUT_DIR, REPO_ROOT, free_port
+from devtools.truss_local import CODE_MODEL_DIR, DEFAULT_LAYOUT_DIR, REPO_ROOT, free_port
+from tests.test_code_model import looks_like_python
 
 VICTIMS = ("make", "launcher -9", "ctrl-c")
 
@@ -46,7 +47,10 @@ def start_make_serve(log: Path, taken: set[int], terminal: bool = False) -> Make
     port = free_port()
     while port in taken:  # the kernel may hand the same free port out twice
         port = free_port()
+    # make serve's defaults: no checkpoint or tiny model chosen in the environment the tests run in.
     env = {**os.environ, "PORT": str(port)}
+    env.pop("STARCODER_CHECKPOINT", None)
+    env.pop("STARCODER_TINY", None)
     if terminal:
         return start_in_a_terminal(log, port, env)
     with log.open("wb") as out:
@@ -138,6 +142,21 @@ def make_serves(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             serve.make.wait(timeout=30)
             # The launcher lays the server out per port (.cache/truss-server-PORT).
             shutil.rmtree(DEFAULT_LAYOUT_DIR.with_name(f"truss-server-{serve.port}"), ignore_errors=True)
+
+
+def test_make_serve_serves_the_code_model_by_default(make_serves: dict[str, MakeServe]) -> None:
+    """No STARCODER_CHECKPOINT, no STARCODER_TINY: the committed model trained on the standard library's code, whose
+    completions are Python (the random-weight tiny models' are gibberish)."""
+    serve = make_serves["make"]
+    wait_ready(serve)
+    assert f"loaded {CODE_MODEL_DIR} " in serve.log.read_text(errors="replace")
+    answer = httpx.post(
+        f"http://127.0.0.1:{serve.port}/v1/models/model:predict",
+        json={"prompt": "def compute_fib(n):", "max_new_tokens": 32},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert looks_like_python(answer.json()["data"]["completion"]), answer.text
 
 
 @pytest.mark.parametrize("victim", VICTIMS)
