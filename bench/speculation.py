@@ -143,7 +143,7 @@ def run_servers(args: argparse.Namespace, requests: dict[str, list[dict[str, Any
     with contextlib.ExitStack() as running:
         servers = {}
         ports: set[int] = set()
-        for name, tokens in (("on", SPECULATIVE_TOKENS), ("off", 0)):
+        for name, tokens in (("on", args.speculative_tokens), ("off", 0)):
             work = args.work_dir / f"speculation-{name}"
             work.mkdir(parents=True, exist_ok=True)
             port = claim_port(ports)
@@ -190,7 +190,10 @@ def run_in_process(args: argparse.Namespace, requests: dict[str, list[dict[str, 
     prompts = {name: [tokenizer(_prompt_text(body))["input_ids"] for body in requests[name]] for name in WORKLOADS}
     for name in WORKLOADS:
         rows = {}
-        for label, extra in (("generate", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": SPECULATIVE_TOKENS})):
+        for label, extra in (
+            ("generate", {}),
+            ("prompt_lookup", {"prompt_lookup_num_tokens": args.speculative_tokens}),
+        ):
             rates = []
             for _ in range(args.runs):
                 tokens = 0
@@ -208,13 +211,25 @@ def run_in_process(args: argparse.Namespace, requests: dict[str, list[dict[str, 
                     tokens += out.shape[1] - len(ids)
                 rates.append(tokens / (time.perf_counter() - started))
             rows[label] = spread(rates)
+        # The same prompts through the batch in process (no HTTP): speculation's own efficiency against prompt lookup's.
+        for label, tokens in (("batch_off", 0), ("batch_ngram", args.speculative_tokens)):
+            batch = worker(model, tokens, None, eos)
+            try:
+                generate_all(batch, prompts[name][:1], args.max_tokens, 1)  # warm
+                rows[label] = spread(
+                    [generate_all(batch, prompts[name], args.max_tokens, 1)[1] for _ in range(args.runs)]
+                )
+            finally:
+                batch.shutdown()
         results[name] = rows
         print(
             f"{name:6s} generate() {rows['generate']['median']:7.1f} tok/s   "
-            f"generate(prompt_lookup_num_tokens={SPECULATIVE_TOKENS}) {rows['prompt_lookup']['median']:7.1f} tok/s",
+            f"generate(prompt_lookup_num_tokens={args.speculative_tokens}) {rows['prompt_lookup']['median']:7.1f} tok/s   "
+            f"batch in process: off {rows['batch_off']['median']:7.1f}, n-gram {rows['batch_ngram']['median']:7.1f} tok/s",
             flush=True,
         )
-    results["oracle"] = oracle(args, model, [ids for name in WORKLOADS for ids in prompts[name]], eos)
+    if not args.skip_oracle:
+        results["oracle"] = oracle(args, model, [ids for name in WORKLOADS for ids in prompts[name]], eos)
     return results
 
 
@@ -242,7 +257,7 @@ def oracle(args: argparse.Namespace, model: Any, prompts: list[list[int]], eos: 
     for policy in ("adaptive", "fixed"):
         for acceptance in (0.0, 0.5, 1.0):
             drafter = OracleDrafter(sequences, acceptance, model.config.vocab_size)
-            batch = worker(model, SPECULATIVE_TOKENS, drafter, eos, adaptive=policy == "adaptive")
+            batch = worker(model, args.speculative_tokens, drafter, eos, adaptive=policy == "adaptive")
             try:
                 for clients in (1, args.clients):
                     rates = [generate_all(batch, prompts, args.max_tokens, clients)[1] for _ in range(args.runs)]
@@ -273,7 +288,7 @@ def worker(model: Any, speculative_tokens: int, drafter: Any, eos: int, adaptive
         "kv_memory_fraction": None,
         "prefix_sharing": True,
         # As the engine resolves speculative_step_tokens' default for the device.
-        "speculative_step_tokens": 16 if model.device.type == "cpu" else 64,
+        "speculative_step_tokens": 12 if model.device.type == "cpu" else 64,
         **sizing,
     }
     return BatchedWorker(
@@ -328,10 +343,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--speculative-tokens", type=int, default=SPECULATIVE_TOKENS, help="k for 'on' (default 8)")
     parser.add_argument("--skip-server", action="store_true", help="only the in-process measurements")
     parser.add_argument("--levels", nargs="*", default=[], help="only these server levels (edit, fim, fresh, mixed)")
     parser.add_argument("--server-env", nargs="*", default=[], help="KEY=VALUE for both servers (experiments)")
     parser.add_argument("--skip-in-process", action="store_true", help="only the servers")
+    parser.add_argument("--skip-oracle", action="store_true", help="in process: only generate() and prompt lookup")
     parser.add_argument("--label", help="write docs/bench/results-LABEL.json")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
     return parser.parse_args(argv)
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "loadavg_before": loadavg(),
         "model": str(args.model.relative_to(REPO_ROOT)) if args.model.is_relative_to(REPO_ROOT) else str(args.model),
-        "speculative_tokens": SPECULATIVE_TOKENS,
+        "speculative_tokens": args.speculative_tokens,
         "max_tokens": args.max_tokens,
         "prompts_per_workload": len(functions),
         "runs": args.runs,

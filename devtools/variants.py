@@ -268,7 +268,7 @@ at most {MAX_BATCH_SEQUENCES}.
   # Speculative decoding (engine/speculation.py): up to this many draft tokens per request and step, looked up in
   # the request's own prompt and output and checked in the same forward pass; the output is unchanged. 0: off
   # (also STARCODER_SPECULATIVE_TOKENS=0). Drafts only fill a step up to speculative_step_tokens query tokens
-  # (null: 64 on a GPU, 16 on a CPU); docs/benchmarks.md, "Speculative decoding", has the figures.
+  # (null: 64 on a GPU, 12 on a CPU); docs/benchmarks.md, "Speculative decoding", has the figures.
   speculative_tokens: 8
   speculative_step_tokens: null
 
