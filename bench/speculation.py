@@ -108,10 +108,7 @@ async def measure_server(base_url: str, bodies: list[dict[str, Any]], clients: i
         await one_client(client, url, bodies[:1])  # warm
         drafted0, kept0 = await metrics(client, base_url)
         started = time.perf_counter()
-        shares = [bodies[i::clients] or bodies[:1] for i in range(clients)] if clients > 1 else [bodies]
-        if clients > 1:  # every client sends every prompt, from a different start: the batch stays full
-            shares = [bodies[i % len(bodies) :] + bodies[: i % len(bodies)] for i in range(clients)]
-        per_client = await asyncio.gather(*(one_client(client, url, share) for share in shares))
+        per_client = await asyncio.gather(*(one_client(client, url, share) for share in rotations(bodies, clients)))
         wall = time.perf_counter() - started
         drafted1, kept1 = await metrics(client, base_url)
     samples = [sample for samples in per_client for sample in samples]
@@ -131,6 +128,12 @@ async def measure_server(base_url: str, bodies: list[dict[str, Any]], clients: i
         # Each step gives the model's own token plus the drafts it kept.
         "tokens_per_step": tokens / max(1.0, tokens - kept),
     }
+
+
+def rotations(items: list[Any], clients: int) -> list[list[Any]]:
+    """What each of ``clients`` closed-loop clients sends: every item, client i starting at item i (the first client
+    in the given order), so the batch stays full and no two clients ask for the same thing at once."""
+    return [items[i % len(items) :] + items[: i % len(items)] for i in range(clients)]
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -287,8 +290,6 @@ def worker(model: Any, speculative_tokens: int, drafter: Any, eos: int, adaptive
         "kv_page_size": 256,
         "kv_memory_fraction": None,
         "prefix_sharing": True,
-        # As the engine resolves speculative_step_tokens' default for the device.
-        "speculative_step_tokens": 12 if model.device.type == "cpu" else 64,
         **sizing,
     }
     return BatchedWorker(
@@ -322,12 +323,11 @@ def generate_all(batch: Any, prompts: list[list[int]], max_tokens: int, clients:
                 else:
                     return tokens
 
-    async def client(offset: int) -> list[list[int]]:
-        order = prompts[offset % len(prompts) :] + prompts[: offset % len(prompts)]
+    async def client(order: list[list[int]]) -> list[list[int]]:
         return [await one(prompt) for prompt in order]
 
     async def everyone() -> list[list[list[int]]]:
-        return list(await asyncio.gather(*(client(i) for i in range(clients))))
+        return list(await asyncio.gather(*(client(order) for order in rotations(prompts, clients))))
 
     started = time.perf_counter()
     outputs = loop.run_until_complete(everyone())

@@ -89,10 +89,8 @@ class ServingSettings(pydantic.BaseModel):
     # output is the same as without it. 0: off. Also off with CUDA graphs, compile or async batching.
     speculative_tokens: int = pydantic.Field(8, ge=0, le=32)
     # Drafts only fill a step up to this many query tokens in all (decoding requests' own tokens included): past
-    # it a step is compute-bound and a wrong draft costs throughput. None: 64 on a GPU; 12 on a CPU, whose batch
-    # attends through one masked product over every sequence's keys, so each draft costs in proportion to the
-    # whole batch's context: a lone request drafts its full k, 12 or more decoding requests draft nothing
-    # (16 clients: 0.25-0.33x with 64 on a busy machine, 0.94-0.97x with 16; docs/benchmarks.md).
+    # it a step is compute-bound and a wrong draft costs throughput. None: by device, 64 on a GPU and 12 on a CPU
+    # (speculation.default_step_tokens says why).
     speculative_step_tokens: int | None = pydantic.Field(None, ge=1)
     # A model on the CPU: torch's threads for a forward pass of few tokens (a decode step). None: one per core
     # but one, which stays free for the HTTP event loop; a pool spread over every core stalls each of a small

@@ -340,7 +340,8 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         self._row_slots: list[int] = []
         self._logprob_requests: dict[str, int] = {}
         self._layout: _DraftLayout | None = None
-        self._accepted_host: list[int] = []
+        # After the step: the logits rows of each request that kept drafts, one per token it produced (``verify``).
+        self._kept_rows: dict[str, list[int]] = {}
         # This step's drafts by request id (speculation.Speculator.step_drafts); set by BatchedWorker.
         self.step_drafts: Callable[[], dict[str, list[int]]] = dict
         # What a row with no token left is replaced by: only the first end token.
@@ -374,7 +375,7 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
                 self._update_dynamic_bans(slot, self._plans[slot], state, drafts.get(state.request_id, ()))
             bits |= slot_bits[slot]
             slots.append(slot)
-        self._layout = None
+        self._layout, self._kept_rows = None, {}
         if drafts and not self.static_graph:
             self._layout = self._lay_out_drafts(states, slots, drafts)
             slots = self._layout.row_slots
@@ -490,26 +491,21 @@ class BatchSampler(ContinuousBatchingLogitsProcessor):
         if layout is None:
             return {}
         eos = self._eos_set
-        counts = []
-        for (_, k), rows, drafts in zip(layout.requests, layout.host_order, layout.host_drafts):
+        counts: dict[str, int] = {}
+        for (request_id, k), rows, drafts in zip(layout.requests, layout.host_order, layout.host_drafts):
             kept = 0
             while kept < k and picks[rows[kept]] == drafts[kept] and drafts[kept] not in eos:
                 kept += 1
-            counts.append(kept)
-        self._accepted_host = counts
-        return {request_id: kept for (request_id, _), kept in zip(layout.requests, counts)}
+            counts[request_id] = kept
+            self._kept_rows[request_id] = rows[: kept + 1]
+        return counts
 
     def rows_of(self, request_id: str) -> list[int]:
         """The latest step's logprob rows of a request that asked for them, one per token it produced, in order."""
         row = self._logprob_requests.get(request_id)
         if row is None:
             return []
-        layout = self._layout
-        if layout is not None:
-            for index, (drafting, _) in enumerate(layout.requests):
-                if drafting == request_id:
-                    return layout.host_order[index][: self._accepted_host[index] + 1]
-        return [row]
+        return self._kept_rows.get(request_id, [row])
 
     def _choose_logprob_rows(self, slots: list[int]) -> None:
         """The rows of this step that want logprobs, and the most top logprobs one of them wants: the others'

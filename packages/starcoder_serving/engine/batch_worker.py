@@ -53,7 +53,7 @@ from starcoder_serving.engine import transformers_compat as compat
 from starcoder_serving.engine.batch_sampler import BatchSampler
 from starcoder_serving.engine.drafting import Drafter
 from starcoder_serving.engine.jobs import Job, PacedDelivery
-from starcoder_serving.engine.speculation import SpeculationStats, Speculator
+from starcoder_serving.engine.speculation import SpeculationStats, Speculator, default_step_tokens
 from starcoder_serving.engine.transformers_compat import GenerationOutput, OutputRouter
 from starcoder_serving.errors import GenerationFailed, InvalidRequest, out_of_memory
 from starcoder_serving.events import DoneEvent, Event, FinishReason, TokenEvent, TokenLogprob
@@ -132,7 +132,7 @@ class BatchedWorker:
         async_batching: bool = False,
         stream_interval_s: float = 0.0,
         speculative_tokens: int = 0,
-        speculative_step_tokens: int = 64,
+        speculative_step_tokens: int | None = None,
         drafter: Drafter | None = None,
         adaptive_speculation: bool = True,
     ) -> None:
@@ -190,7 +190,7 @@ class BatchedWorker:
             sliding_window = getattr(model.config, "sliding_window", None)
             self.speculator = Speculator(
                 max_tokens=speculative_tokens,
-                step_token_limit=speculative_step_tokens,
+                step_token_limit=speculative_step_tokens or default_step_tokens(model.device),
                 sliding_window=sliding_window if isinstance(sliding_window, int) and sliding_window > 0 else None,
                 drafter=drafter,
                 adaptive=adaptive_speculation,

@@ -211,7 +211,7 @@ class Engine:
             async_batching=self.async_batching,
             stream_interval_s=settings.stream_interval_ms / 1000,
             speculative_tokens=settings.speculative_tokens,
-            speculative_step_tokens=settings.speculative_step_tokens or (12 if model.device.type == "cpu" else 64),
+            speculative_step_tokens=settings.speculative_step_tokens,
         )
 
     @classmethod

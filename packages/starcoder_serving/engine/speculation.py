@@ -37,6 +37,8 @@ import dataclasses
 import threading
 from collections.abc import Callable
 
+import torch
+
 from starcoder_serving.engine.drafting import Drafter, NgramDrafter, TokenHistory
 from starcoder_serving.engine.transformers_compat import DecodingRow
 
@@ -57,6 +59,13 @@ class SpeculationStats:
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def default_step_tokens(device: torch.device) -> int:
+    """``speculative_step_tokens`` when unset: 64 on a GPU; 12 on a CPU, whose batch attends through one masked
+    product over every sequence's keys, so a draft costs in proportion to the whole batch's context (a lone request
+    drafts its full k, 12 or more decoding requests draft nothing; docs/benchmarks.md, "Speculative decoding")."""
+    return 12 if device.type == "cpu" else 64
 
 
 class _Row:
